@@ -75,6 +75,7 @@ def validate(cfg: DictConfig) -> None:
              f"must be > 0 when trainer.max_steps=-1, got {trainer.num_train_epochs}")
     _require(isinstance(data.max_length, int) and data.max_length >= 32, "data.max_length",
              f"must be an integer >= 32, got {data.max_length}")
+    _require(data.get("on_invalid") in ("error", "skip"), "data.on_invalid", f"must be error or skip, got {data.get('on_invalid')}")
     _check_file(cfg, "data.train_file")
     _check_file(cfg, "data.eval_file")
     resolve_dtype(cfg.model.dtype)

@@ -12,14 +12,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lyra.data.formats import Conversation, load_conversations
+from lyra.data.formats import Conversation, Problem, load_checked, load_conversations, read_conversations
 from lyra.data.tokenization import EncodeStats, encode_conversations
+from lyra.data.txt import convert_txt_to_jsonl
 from lyra.errors import UserError
 from lyra.paths import resolve_user_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Conversation", "load_conversations", "build_datasets", "corpus_file", "DatasetSplits"]
+__all__ = ["Conversation", "Problem", "load_conversations", "read_conversations", "convert_txt_to_jsonl",
+           "build_datasets", "corpus_file", "DatasetSplits"]
 
 
 def corpus_file(split: str) -> Path:
@@ -33,6 +35,7 @@ class DatasetSplits:
     eval: object | None
     train_stats: EncodeStats
     eval_stats: EncodeStats | None
+    skipped: int = 0  # invalid conversations skipped under data.on_invalid=skip (both splits)
 
 
 def _split_file(data_cfg: DictConfig, split: str) -> Path | None:
@@ -45,16 +48,22 @@ def _split_file(data_cfg: DictConfig, split: str) -> Path | None:
 
 
 def build_datasets(data_cfg: DictConfig, tokenizer) -> DatasetSplits:
-    """Tokenized train (and eval) datasets; empty splits are user errors, truncation is logged."""
+    """Tokenized train (and eval) datasets.
+
+    Invalid conversations stop the run or are skipped per data.on_invalid; empty splits are user
+    errors; truncation is logged and counted.
+    """
     from datasets import Dataset
 
-    splits = {}
+    splits, skipped = {}, 0
     for split in ("train", "eval"):
         path = _split_file(data_cfg, split)
         if path is None:
             splits[split] = (None, None)
             continue
-        conversations = load_conversations(path, key=f"data.{split}_file")
+        conversations, problems = load_checked(path, key=f"data.{split}_file",
+                                               on_invalid=data_cfg.on_invalid)
+        skipped += len(problems)
         examples, stats = encode_conversations(conversations, tokenizer, data_cfg.max_length, data_cfg.system_prompt)
         if stats.dropped_turns:
             log.warning("%s: %d assistant turns in %d conversations exceed data.max_length=%d and were dropped",
@@ -64,4 +73,4 @@ def build_datasets(data_cfg: DictConfig, tokenizer) -> DatasetSplits:
         log.info("%s split: %d conversations -> %d examples (%s)", split, stats.conversations, len(examples), path)
         splits[split] = (Dataset.from_list(examples), stats)
     return DatasetSplits(train=splits["train"][0], eval=splits["eval"][0],
-                         train_stats=splits["train"][1], eval_stats=splits["eval"][1])
+                         train_stats=splits["train"][1], eval_stats=splits["eval"][1], skipped=skipped)

@@ -1,0 +1,124 @@
+"""The data command line: convert transcripts, validate files, describe a corpus.
+
+    python -m lyra.data convert IN.txt OUT.jsonl [--label 主人=user]
+    python -m lyra.data validate FILE [FILE ...]        # exit 0 valid, 1 with FILE:LINE problems
+    python -m lyra.data stats [FILE] [--split eval] [--max-length N] [--json]
+
+Without FILE, `stats` describes the embedded Lyra corpus (`--split train|eval`). User mistakes
+(a missing file, a bad option) print one `lyra: error: ...` line and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lyra.data import corpus_file
+from lyra.data.formats import format_problems, load_checked, read_conversations
+from lyra.data.txt import convert_txt_to_jsonl, parse_label_options
+from lyra.errors import UserError, exit_on_user_error
+
+
+def _existing_file(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(None, f"file not found: {path}")
+    return path
+
+
+def _add_label_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label", action="append", default=[], metavar="LABEL=ROLE",
+                        help="extra .txt role label, e.g. 主人=user or Maid=assistant (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lyra.data", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="a .txt transcript -> seed-format JSONL (atomic write)")
+    convert.add_argument("input", help="the transcript (.txt)")
+    convert.add_argument("output", help="the JSONL file to write")
+    _add_label_option(convert)
+
+    validate = commands.add_parser("validate", help="list every problem as FILE:LINE: message")
+    validate.add_argument("files", nargs="+", metavar="FILE", help=".jsonl, .json or .txt")
+    _add_label_option(validate)
+
+    stats = commands.add_parser("stats", help="counts, duplicates, token lengths, truncation")
+    stats.add_argument("file", nargs="?", metavar="FILE", help="default: the embedded Lyra corpus")
+    stats.add_argument("--split", choices=("train", "eval"), default=None,
+                       help="embedded corpus split (default train); only without FILE")
+    stats.add_argument("--max-length", type=int, default=None,
+                       help="tokens per example, as data.max_length (default: conf/data/lyra.yaml)")
+    stats.add_argument("--system-prompt", default=None,
+                       help="system prompt added to conversations without one (default: conf/data/lyra.yaml)")
+    stats.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    _add_label_option(stats)
+    return parser
+
+
+def run_convert(args) -> int:
+    count = convert_txt_to_jsonl(_existing_file(args.input), args.output, parse_label_options(args.label))
+    print(f"wrote {count} conversations to {args.output}")
+    return 0
+
+
+def run_validate(args) -> int:
+    labels = parse_label_options(args.label)
+    failed = False
+    for name in args.files:
+        path = _existing_file(name)
+        conversations, problems = read_conversations(path, labels)
+        if problems:
+            failed = True
+            print(format_problems(problems, limit=None))
+            print(f"{path}: {len(problems)} problem(s), {len(conversations)} valid conversation(s)", file=sys.stderr)
+        else:
+            turns = sum(c.assistant_turns for c in conversations)
+            print(f"{path}: ok, {len(conversations)} conversations, {turns} assistant turns")
+    return 1 if failed else 0
+
+
+def run_stats(args) -> int:
+    from omegaconf import OmegaConf
+
+    from lyra.data.stats import corpus_stats, format_stats, training_defaults
+    from lyra.modeling import build_tokenizer, qwen3_tokenizer_dir
+
+    if args.file and args.split:
+        raise UserError("--split", "selects a split of the embedded corpus; drop it when giving FILE")
+    if args.file:
+        path, source = _existing_file(args.file), args.file
+    else:
+        split = args.split or "train"
+        path = corpus_file(split)
+        source = f"{path.name} (embedded Lyra corpus, {split} split)"
+    if args.max_length is None or args.system_prompt is None:
+        default_length, default_prompt = training_defaults()
+        max_length = args.max_length if args.max_length is not None else default_length
+        system_prompt = args.system_prompt if args.system_prompt is not None else default_prompt
+    else:
+        max_length, system_prompt = args.max_length, args.system_prompt
+    if max_length < 1:
+        raise UserError("--max-length", f"must be >= 1, got {max_length}")
+    conversations, skipped = load_checked(path, key=str(path), on_invalid="skip",
+                                          labels=parse_label_options(args.label))
+    tokenizer = build_tokenizer(OmegaConf.create({"name_or_path": str(qwen3_tokenizer_dir()),
+                                                  "trust_remote_code": False}))
+    stats = corpus_stats(conversations, tokenizer, max_length, system_prompt or None)
+    stats["file"] = str(path)
+    stats["skipped_invalid"] = len(skipped)
+    print(json.dumps(stats, ensure_ascii=False, indent=2) if args.json else format_stats(stats, source))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with exit_on_user_error():
+        return {"convert": run_convert, "validate": run_validate, "stats": run_stats}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

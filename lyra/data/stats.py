@@ -1,0 +1,116 @@
+"""Corpus statistics, with token lengths and truncation computed exactly as training does.
+
+    python -m lyra.data stats                      # the embedded train split
+    python -m lyra.data stats --split eval --json  # the embedded eval split, machine-readable
+    python -m lyra.data stats my_chats.jsonl --max-length 512
+
+Token lengths are those of the training examples (`lyra.data.tokenization`): one example per
+assistant turn, rendered with the Qwen3 chat template and the system prompt. A conversation
+whose example does not fit `max_length` keeps its earlier turns and loses that turn and every
+later one; no reply is ever cut in the middle.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from lyra.data.formats import Conversation
+from lyra.data.tokenization import EncodeStats, encode_conversation, encode_turn, with_system_prompt
+from lyra.errors import UserError
+
+DATA_CONF = Path(__file__).resolve().parents[2] / "conf" / "data" / "lyra.yaml"
+
+
+def training_defaults() -> tuple[int, str | None]:
+    """(max_length, system_prompt) of the `data=lyra` config group, so stats match a default run."""
+    if not DATA_CONF.is_file():
+        raise UserError("--max-length", f"{DATA_CONF} not found; pass --max-length and --system-prompt")
+    data = OmegaConf.load(DATA_CONF)
+    return int(data.max_length), data.system_prompt
+
+
+def example_lengths(conversation: Conversation, tokenizer, system_prompt: str | None) -> list[int]:
+    """Token length of each assistant turn's training example (prompt + reply + <|im_end|>)."""
+    messages = with_system_prompt(conversation.messages, system_prompt)
+    return [len(encode_turn(messages[: index + 1], tokenizer)[0])
+            for index, message in enumerate(messages) if message["role"] == "assistant"]
+
+
+def _percentiles(values: list[int]) -> dict[str, int]:
+    if not values:
+        return {"p50": 0, "p95": 0, "max": 0}
+    array = np.asarray(values)
+    return {"p50": int(np.percentile(array, 50, method="nearest")),
+            "p95": int(np.percentile(array, 95, method="nearest")), "max": int(array.max())}
+
+
+def corpus_stats(conversations: list[Conversation], tokenizer, max_length: int,
+                 system_prompt: str | None) -> dict[str, Any]:
+    """Counts, duplicates, token-length percentiles and what truncation at max_length does."""
+    roles = Counter(message["role"] for c in conversations for message in c.messages)
+    replies = Counter(m["content"].strip() for c in conversations for m in c.messages if m["role"] == "assistant")
+    users = Counter(m["content"].strip() for c in conversations for m in c.messages if m["role"] == "user")
+    multi_turn = sum(c.assistant_turns >= 2 for c in conversations)
+    lengths, longest = [], []
+    truncation = EncodeStats()
+    dropped_entirely = 0
+    for conversation in conversations:
+        turn_lengths = example_lengths(conversation, tokenizer, system_prompt)
+        lengths.extend(turn_lengths)
+        longest.append(max(turn_lengths, default=0))
+        if longest[-1] > max_length:  # the training encoder decides what survives, not a copy of its rule
+            kept = encode_conversation(conversation, tokenizer, max_length, system_prompt, truncation)
+            dropped_entirely += not kept
+    return {
+        "conversations": len(conversations),
+        "assistant_turns": roles["assistant"],
+        "multi_turn": multi_turn,
+        "multi_turn_share": round(multi_turn / len(conversations), 4) if conversations else 0.0,
+        "roles": {role: roles[role] for role in ("system", "user", "assistant")},
+        "duplicate_assistant_replies": sum(count - 1 for count in replies.values() if count > 1),
+        "duplicate_user_messages": sum(count - 1 for count in users.values() if count > 1),
+        "example_tokens": _percentiles(lengths),
+        "conversation_tokens": _percentiles(longest),
+        "max_length": max_length,
+        "over_max_length": {
+            "conversations": truncation.truncated_conversations,
+            "dropped_assistant_turns": truncation.dropped_turns,
+            "kept_assistant_turns": truncation.examples,
+            "conversations_dropped_entirely": dropped_entirely,
+        },
+    }
+
+
+def format_stats(stats: dict[str, Any], source: str) -> str:
+    """The human-readable report printed by `python -m lyra.data stats`."""
+    roles = " · ".join(f"{role} {count}" for role, count in stats["roles"].items())
+    example, conversation = stats["example_tokens"], stats["conversation_tokens"]
+    over = stats["over_max_length"]
+    lines = [
+        source,
+        f"  conversations          {stats['conversations']}",
+        f"  assistant turns        {stats['assistant_turns']}",
+        f"  multi-turn (>=2 replies) {stats['multi_turn']} ({stats['multi_turn_share']:.1%})",
+        f"  roles                  {roles}",
+        f"  duplicate replies      {stats['duplicate_assistant_replies']}",
+        f"  duplicate user turns   {stats['duplicate_user_messages']}",
+        f"  tokens per example     p50 {example['p50']} · p95 {example['p95']} · max {example['max']}"
+        "  (one example per assistant turn, Qwen3 chat template, system prompt included)",
+        f"  tokens per conversation p50 {conversation['p50']} · p95 {conversation['p95']} · max {conversation['max']}",
+    ]
+    if over["conversations"]:
+        lines.append(
+            f"  over max_length={stats['max_length']}: {over['conversations']} conversation(s). Training keeps "
+            f"{over['kept_assistant_turns']} of their turns and drops {over['dropped_assistant_turns']} whole "
+            f"trailing assistant turn(s) (never cut inside a reply); {over['conversations_dropped_entirely']} "
+            "lose every turn. Raise data.max_length to keep them.")
+    else:
+        lines.append(f"  over max_length={stats['max_length']}: none (nothing is truncated)")
+    if stats.get("skipped_invalid"):
+        lines.append(f"  skipped invalid        {stats['skipped_invalid']} (see `python -m lyra.data validate`)")
+    return "\n".join(lines)
