@@ -1,0 +1,177 @@
+"""Loading a finished training run: its config, tokenizer, base model and LoRA adapter.
+
+    from lyra.runs import load_run
+    run = load_run("outputs/2026-01-01/12-00-00")            # base (4-bit if trained so) + adapter
+    run = load_run(run_dir, adapter="none")                    # the bare base, for comparison
+    run = load_run(run_dir, adapter="checkpoints/checkpoint-50")
+
+A run dir is what `python -m lyra.train` writes: `resolved_config.yaml` (the config with every
+interpolation resolved, so the base model, quantization and system prompt match what was trained;
+`.hydra/config.yaml` still holds unresolved `${...}`) and `adapter/` (adapter weights, tokenizer,
+chat template). Used by `lyra.chat`, `lyra.export`, `lyra.evaluate` and the web UI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lyra.errors import UserError
+from lyra.paths import resolve_user_path
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "resolved_config.yaml"
+DEFAULT_ADAPTER = "adapter"
+NO_ADAPTER = "none"
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass
+class LoadedRun:
+    """A run ready for generation: `model` is in eval mode with the KV cache on."""
+
+    model: Any
+    tokenizer: Any
+    cfg: DictConfig  # the run's resolved training config
+    system_prompt: str
+    run_dir: Path
+    adapter: str = DEFAULT_ADAPTER  # what was applied: a path relative to run_dir, or "none"
+
+
+def configure_cli_logging(level: int = logging.INFO) -> None:
+    """Log lyra's messages to stderr (stdout carries the command's output); silence library chatter.
+
+    The lyra apps run with Hydra's job logging off so they never write log files into the cwd.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lyra").setLevel(level)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def run_dir_path(run_dir: str | Path | None) -> Path:
+    """The run dir as an absolute path (relative to the launch dir); one clear line if it is not one."""
+    if run_dir is None or str(run_dir) in ("", "???"):
+        raise UserError("run_dir", "is required: the output dir of a training run, e.g. run_dir=outputs/2026-01-01/12-00-00")
+    path = resolve_user_path(run_dir)
+    if not path.is_dir():
+        raise UserError("run_dir", f"not a directory: {path}")
+    if not (path / RUN_CONFIG).is_file():
+        hint = " (it holds .hydra/ only: the training did not finish)" if (path / ".hydra").is_dir() else ""
+        raise UserError("run_dir", f"{path} has no {RUN_CONFIG}{hint}; pass the output dir of `python -m lyra.train`")
+    return path
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The run's resolved training config."""
+    cfg = OmegaConf.load(run_dir / RUN_CONFIG)
+    for key in ("model", "quantization", "data"):
+        if key not in cfg:
+            raise UserError("run_dir", f"{run_dir / RUN_CONFIG} has no `{key}` section; is it a lyra run?")
+    return cfg
+
+
+def adapter_dir(run_dir: Path, adapter: str | None) -> Path | None:
+    """Where the adapter lives (None for adapter=none); missing weights are a one-line error."""
+    if adapter is None or str(adapter).lower() in (NO_ADAPTER, "null", ""):
+        return None
+    path = Path(adapter).expanduser()
+    path = path if path.is_absolute() else run_dir / path
+    if not path.is_dir():
+        checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
+        hint = f"; the run has checkpoints, e.g. adapter=checkpoints/{checkpoints[-1].name}" if checkpoints else ""
+        raise UserError("adapter", f"no adapter directory {path}{hint}")
+    if not (path / "adapter_config.json").is_file():
+        raise UserError("adapter", f"{path} has no adapter_config.json; is it a LoRA adapter dir?")
+    if not any((path / name).is_file() for name in _ADAPTER_WEIGHTS):
+        raise UserError("adapter", f"{path} has no adapter weights ({' or '.join(_ADAPTER_WEIGHTS)})")
+    return path
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def check_adapter_base(adapter_path: Path, model_cfg: DictConfig) -> None:
+    """The adapter must have been trained on the base that the run's config names."""
+    adapter_cfg = json.loads((adapter_path / "adapter_config.json").read_text())
+    trained_on = adapter_cfg.get("base_model_name_or_path")
+    expected = str(model_cfg.name_or_path)
+    if trained_on and not _same_model(str(trained_on), expected):
+        raise UserError("adapter", f"{adapter_path} was trained on base model {trained_on!r}, but the run's "
+                                   f"config uses {expected!r}; pass the run dir the adapter came from")
+
+
+def load_run_tokenizer(run_dir: Path, adapter_path: Path | None, model_cfg: DictConfig):
+    """The tokenizer saved with the adapter (or the run's adapter/), else the base model's own."""
+    from transformers import AutoTokenizer
+
+    from lyra.modeling import build_tokenizer
+
+    for candidate in (adapter_path, run_dir / DEFAULT_ADAPTER):
+        if candidate is not None and (candidate / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(candidate)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = "<|endoftext|>"
+            return tokenizer
+    log.warning("%s holds no tokenizer; using the base model's", run_dir)
+    return build_tokenizer(model_cfg)
+
+
+def build_run_base(cfg: DictConfig, device: str | None = None, quantized: bool = True):
+    """The run's base model as trained (4-bit when it was, unless quantized=False), in eval mode."""
+    from lyra.config import bitsandbytes_problem
+    from lyra.modeling import build_model, build_quantization, resolve_dtype
+
+    dtype = resolve_dtype(cfg.model.dtype)
+    quantization_config = build_quantization(cfg.quantization, dtype) if quantized else None
+    if quantization_config is not None:
+        problem = bitsandbytes_problem()
+        if problem:
+            raise UserError("quantization", f"the run was trained in 4-bit, which needs bitsandbytes ({problem})")
+    model = build_model(cfg.model, quantization_config, dtype, device)
+    model.config.use_cache = True  # build_model turns it off for training; generation needs it
+    return model.eval()
+
+
+def apply_adapter(model, adapter_path: Path):
+    """Wrap `model` with the saved LoRA adapter (inference mode)."""
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
+    except RuntimeError as error:  # shape mismatch: the adapter belongs to another architecture
+        first_line = str(error).strip().splitlines()[-1].strip()
+        raise UserError("adapter", f"{adapter_path} does not fit the run's base model ({first_line})") from None
+    return model.eval()
+
+
+def load_run(run_dir: str | Path, adapter: str = DEFAULT_ADAPTER, device: str | None = None) -> LoadedRun:
+    """Rebuild a trained run for generation: base model as trained + adapter + the run's tokenizer.
+
+    adapter: a dir relative to run_dir ("adapter", "checkpoints/checkpoint-8"), an absolute dir,
+    or "none" for the bare base. device: None = cuda:0 if available, else cpu.
+    """
+    path = run_dir_path(run_dir)
+    cfg = load_run_config(path)
+    adapter_path = adapter_dir(path, adapter)
+    if adapter_path is not None:
+        check_adapter_base(adapter_path, cfg.model)
+    tokenizer = load_run_tokenizer(path, adapter_path, cfg.model)
+    model = build_run_base(cfg, device)
+    if adapter_path is not None:
+        model = apply_adapter(model, adapter_path)
+    log.info("loaded %s with %s", cfg.model.name_or_path, adapter_path or "no adapter")
+    return LoadedRun(model=model, tokenizer=tokenizer, cfg=cfg, system_prompt=cfg.data.get("system_prompt") or "",
+                     run_dir=path, adapter=str(adapter) if adapter_path is not None else NO_ADAPTER)
