@@ -1,11 +1,18 @@
 """Weights & Biases: exactly one run per Hydra job, with its files inside the job's output dir.
 
+    python -m lyra.train -m experiment=smoke lora.r=4,8     # 2 runs, one group (the sweep dir)
+    python -m lyra.train logger.log_adapter=true            # also upload the adapter as an artifact
+    python -m lyra.train logger=none                        # no tracking at all
+
 The Trainer's own WandbCallback reuses whatever run is active in the process, so sequential
 multirun jobs would merge into one run. lyra starts and finishes the run itself and logs the
-Trainer's metrics through `WandbLogCallback`.
+Trainer's metrics through `WandbLogCallback`. Each run is grouped by its sweep, named after its
+swept overrides (`r=16,lora_alpha=32`), typed `train`, tagged from `logger.tags`, and carries the
+resolved config nested (so `lora.r` is filterable); its summary is the job's metrics.json.
+Only rank 0 of a multi-process job opens a run (`lyra.train`).
 
 Offline (no API key) runs are uploaded later with `wandb sync <run_dir>/wandb/offline-run-*`,
-and browsed locally with `wandb leet <run_dir>/wandb`.
+and browsed locally with `wandb leet <run_dir>/wandb` (or `wandb leet <sweep_dir>/<job>/wandb`).
 """
 
 from __future__ import annotations
@@ -31,21 +38,54 @@ def has_wandb_api_key() -> bool:
         return False
 
 
+def _override_key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def run_name(overrides: list[str], swept: list[str] | None = None) -> str:
+    """`r=16,lora_alpha=32`: the swept overrides (all overrides when unknown), keys shortened."""
+    if swept:
+        overrides = [o for o in overrides if _override_key(o) in swept] or overrides
+    parts = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        parts.append(f"{key.rsplit('.', 1)[-1]}={value}" if value or "=" in override else key)
+    return ",".join(parts)
+
+
 def hydra_job_identity(run_dir: Path) -> tuple[str | None, str]:
-    """(group, name): the sweep dir for multirun jobs, and a name made of the job's overrides."""
+    """(group, name): the sweep dir for multirun jobs, and a name made of the job's swept overrides.
+
+    The swept keys come from `<sweep_dir>/sweep.json`, written by `lyra.sweep.SweepSummary` when
+    the multirun starts, so jobs on other processes or machines (submitit) name runs the same way.
+    """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+
+    from lyra.sweep import read_sweep_file, task_overrides
 
     if not HydraConfig.initialized():
         return None, run_dir.name
     hydra_cfg = HydraConfig.get()
-    group = None
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        sweep_dir = Path(hydra_cfg.sweep.dir).resolve()
-        group = f"{sweep_dir.parent.name}/{sweep_dir.name}"
-    overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith("hydra")]
-    short = [o.split(".")[-1] if "=" in o and "." in o.split("=")[0] else o for o in overrides]
-    return group, ",".join(short) or run_dir.name
+    overrides = task_overrides()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None, run_name(overrides) or run_dir.name
+    sweep_dir = Path(hydra_cfg.runtime.cwd, str(hydra_cfg.sweep.dir)).resolve()
+    group = f"{sweep_dir.parent.name}/{sweep_dir.name}"
+    name = run_name(overrides, read_sweep_file(sweep_dir).get("swept")) or f"job{hydra_cfg.job.num}"
+    return group, name
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    """The configured tags plus the model and the adapter's shape, for dashboard filters."""
+    generated = [Path(str(cfg.model.name_or_path)).name, f"lora-r{cfg.lora.r}",
+                 "4bit" if cfg.quantization.get("load_in_4bit") else "full-precision"]
+    return list(dict.fromkeys([*map(str, cfg.logger.tags), *generated]))
+
+
+# The run this process is tracking: finish_run logs its adapter, fail_active_run closes it when a
+# sweep job dies half-way (lyra.sweep), so the next job of the same process starts clean.
+_active: dict[str, Any] = {}
 
 
 def start_run(cfg: DictConfig, run_dir: Path, job_type: str = "train"):
@@ -58,7 +98,6 @@ def start_run(cfg: DictConfig, run_dir: Path, job_type: str = "train"):
     if mode == "auto":
         mode = "online" if has_wandb_api_key() else "offline"
     group, name = hydra_job_identity(run_dir)
-    tags = list(cfg.logger.tags) + [Path(str(cfg.model.name_or_path)).name, f"lora-r{cfg.lora.r}"]
     run = wandb.init(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
@@ -67,21 +106,48 @@ def start_run(cfg: DictConfig, run_dir: Path, job_type: str = "train"):
         group=group,
         name=name,
         job_type=job_type,
-        tags=tags,
+        tags=run_tags(cfg),
         config=OmegaConf.to_container(cfg, resolve=True),
         reinit="create_new",
         settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
     )
+    _active.clear()
+    _active.update(run=run, adapter_dir=run_dir / "adapter" if cfg.logger.log_adapter else None)
     if mode == "offline":
         log.info("W&B is offline (no API key); upload later with: wandb sync %s", run.dir.rsplit("/files", 1)[0])
     return run
 
 
+def log_adapter(run, adapter_dir: Path) -> None:
+    """The saved adapter (+ tokenizer) as a `model` artifact of this run."""
+    import wandb
+
+    artifact = wandb.Artifact(name=f"lyra-adapter-{run.id}", type="model",
+                              metadata={"group": run.group, "name": run.name})
+    # immutable + skip_cache: no copy under ~/.local/share/wandb or ~/.cache/wandb; the offline run
+    # uploads the adapter straight from the job dir at `wandb sync`, so it must stay there.
+    artifact.add_dir(str(adapter_dir), skip_cache=True, policy="immutable")
+    run.log_artifact(artifact, aliases=["latest"])
+
+
 def finish_run(run, summary: dict[str, Any]) -> None:
     if run is None:
         return
-    run.summary.update(summary)
+    run.summary.update({**summary, "status": "completed"})
+    if _active.get("run") is run and _active.get("adapter_dir") is not None:
+        log_adapter(run, _active["adapter_dir"])
+    _active.clear()
     run.finish()
+
+
+def fail_active_run(error: BaseException) -> None:
+    """Mark the run of a job that raised as failed (exit code 1) and close it."""
+    run = _active.pop("run", None)
+    _active.clear()
+    if run is None:
+        return
+    run.summary.update({"status": "failed", "error": f"{type(error).__name__}: {error}"})
+    run.finish(exit_code=1)
 
 
 class WandbLogCallback(TrainerCallback):

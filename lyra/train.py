@@ -27,6 +27,8 @@ from lyra.data import build_datasets
 from lyra.errors import UserError, exit_on_user_error
 from lyra.modeling import (apply_lora, build_model, build_quantization, build_tokenizer, count_parameters,
                            resolve_dtype)
+from lyra.distributed import rank_aware_argv
+from lyra.sweep import run_job
 from lyra.tracking import WandbLogCallback, finish_run, start_run
 
 log = logging.getLogger("lyra.train")
@@ -116,6 +118,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "total_params": total_params,
         "train_examples": len(splits.train),
         "dropped_turns": splits.train_stats.dropped_turns,
+        "world_size": args.world_size,
     }
     if splits.eval is not None:
         final_eval = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
@@ -134,10 +137,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> dict[str, Any]:
+def main(cfg: DictConfig) -> float | None:
+    """Returns objective.metric for the sweeper; in a multirun a failed job is recorded, not raised."""
     with exit_on_user_error():
-        return train(cfg)
+        return run_job(cfg, train)
 
 
 if __name__ == "__main__":
+    with exit_on_user_error():  # accelerate/torchrun: ranks must share one explicit run dir
+        sys.argv = rank_aware_argv(sys.argv)
     sys.exit(main())
