@@ -117,19 +117,64 @@ def build_tokenizer(model_cfg: DictConfig):
 def build_quantization(quant_cfg: DictConfig, compute_dtype: torch.dtype):
     """A BitsAndBytesConfig from the quantization group, or None for `quantization=none`.
 
-    The 4-bit compute dtype follows the hardware: bf16 is replaced by fp16 on GPUs without bf16.
+    The 4-bit compute dtype follows the hardware (`resolve_compute_dtype`).
     """
     from transformers import BitsAndBytesConfig
 
     if not quant_cfg.get("load_in_4bit"):
         return None
     kwargs: dict[str, Any] = OmegaConf.to_container(quant_cfg, resolve=True)
-    requested = resolve_dtype(kwargs["bnb_4bit_compute_dtype"])
-    if requested == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        log.warning("this GPU has no bf16: 4-bit compute dtype falls back to float16")
-        requested = torch.float16
-    kwargs["bnb_4bit_compute_dtype"] = requested
+    kwargs["bnb_4bit_compute_dtype"] = resolve_compute_dtype(kwargs["bnb_4bit_compute_dtype"], compute_dtype)
     return BitsAndBytesConfig(**kwargs)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them CPU bf16 matmuls are emulated (measured ~1.2-2x slower than fp32)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch API: absent = no
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def resolve_compute_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The 4-bit matmul dtype: as configured where the hardware runs it natively, else what it can.
+
+    bf16 becomes fp16 on GPUs without bf16 (T4); on CPU a half dtype the CPU only emulates becomes
+    the model's fp32. Each change is logged, never silent.
+    """
+    requested = resolve_dtype(name)
+    if torch.cuda.is_available():
+        if requested == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            log.warning("this GPU has no bf16: 4-bit compute dtype falls back to float16")
+            return torch.float16
+        return requested
+    if requested in (torch.bfloat16, torch.float16) and model_dtype == torch.float32 and not cpu_has_native_bf16():
+        log.info("CPU without native bf16/fp16: 4-bit compute dtype %s -> float32 (faster here, same memory)",
+                 str(requested).removeprefix("torch."))
+        return torch.float32
+    return requested
+
+
+_warned_4bit_on_cpu: set[str] = set()
+TINY_NON_EMBEDDING_PARAMS = 1_000_000  # above this, a 4-bit CPU run is slow enough to deserve a warning
+
+
+def warn_4bit_on_cpu(model, name: str) -> None:
+    """Once per model: a non-tiny 4-bit model on CPU trains ~30x slower than in fp32. Warn, don't override."""
+    if not getattr(model, "is_loaded_in_4bit", False) or model.device.type != "cpu" or name in _warned_4bit_on_cpu:
+        return
+    config = model.config
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim:  # Qwen3-style config: exact count (num_parameters sees packed 4-bit storage)
+        attention = config.hidden_size * head_dim * 2 * (config.num_attention_heads + config.num_key_value_heads)
+        non_embedding = (attention + 3 * config.hidden_size * config.intermediate_size) * config.num_hidden_layers
+    else:
+        non_embedding = model.num_parameters(exclude_embeddings=True)
+    if non_embedding <= TINY_NON_EMBEDDING_PARAMS:
+        return
+    _warned_4bit_on_cpu.add(name)
+    log.warning("training %s (%.0fM non-embedding params) in 4-bit on CPU: the NF4 backward dominates. "
+                "Measured on 2 cores with Qwen3-0.6B, one 128-token LoRA step takes ~470 s in 4-bit vs ~14 s "
+                "in fp32. `quantization=none` trains in fp32 (more memory, much faster here); keeping 4-bit "
+                "as configured.", name, non_embedding / 1e6)
 
 
 def build_model(model_cfg: DictConfig, quantization_config, dtype: torch.dtype, device: str | None = None):
@@ -149,6 +194,7 @@ def build_model(model_cfg: DictConfig, quantization_config, dtype: torch.dtype, 
         use_safetensors=True,
     )
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    warn_4bit_on_cpu(model, str(model_cfg.name_or_path))
     return model
 
 

@@ -30,6 +30,7 @@ from lyra.modeling import (apply_lora, build_model, build_quantization, build_to
 from lyra.distributed import rank_aware_argv
 from lyra.sweep import run_job
 from lyra.tracking import WandbLogCallback, finish_run, start_run
+from lyra.trainer import build_trainer
 
 log = logging.getLogger("lyra.train")
 
@@ -69,7 +70,7 @@ def last_logged(log_history: list[dict], key: str) -> float | None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by `cfg`; returns its metrics."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+    from transformers import set_seed
 
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir).resolve()
@@ -93,17 +94,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     args = build_training_args(cfg.trainer, run_dir, dtype, has_eval=splits.eval is not None)
     wandb_run = start_run(cfg, run_dir) if args.process_index == 0 else None
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
-                                      pad_to_multiple_of=8 if torch.cuda.is_available() else None)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=splits.train,
-        eval_dataset=splits.eval,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=[WandbLogCallback(wandb_run)] if wandb_run else [],
-    )
+    # supervised-only logits + dynamic padding / padding-free (lyra.trainer)
+    trainer = build_trainer(model, args, tokenizer, splits.train, splits.eval, cfg.data.padding_free,
+                            callbacks=[WandbLogCallback(wandb_run)] if wandb_run else [])
 
     result = trainer.train()
 
