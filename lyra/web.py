@@ -1,0 +1,402 @@
+"""A web chat page for a trained Lyra (Gradio), with the base model beside her for comparison.
+
+    pip install -e '.[web]'
+    python -m lyra.web run_dir=outputs/2026-01-01/12-00-00          # http://127.0.0.1:7860
+    python -m lyra.web run_dir=R server_port=8080 generation.temperature=0.3
+    python -m lyra.web run_dir=R server_name=0.0.0.0                # your network can reach it (no login!)
+
+The page streams Lyra's replies through the terminal chat's own path (`lyra.chat.generate_response`
+with the run's system prompt, think blocks removed), keeps a multi-turn history, has sliders for
+temperature / top_p / max_new_tokens, a reset, and an "adapter off" comparison that answers the
+same message with the base model (PEFT's `disable_adapter()` on the one shared model).
+
+One model instance serves everyone: Gradio's queue runs one generation at a time (every model
+event shares one concurrency slot) and `WebChat.lock` guards the model, so a comparison never
+flips the adapter off under someone else's reply. Inputs are bounded (`max_input_chars`,
+`max_prompt_tokens`, `max_new_tokens_limit`, `max_queue_size`).
+
+Programmatic use, from any machine that reaches the server:
+
+    from gradio_client import Client
+    Client("http://127.0.0.1:7860/").predict("你好", [], api_name="/chat")   # -> reply text
+
+Gradio never phones home from here: analytics and its version check are off, `share` is false by
+default, and the page uses no web fonts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import re
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from lyra.errors import UserError, exit_on_user_error
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "the web page needs Gradio: pip install -e '.[web]'"
+_NAME_IN_PROMPT = re.compile(r"^\s*(?:你是|You are)\s*([^，,。.\s]+)")
+
+
+def require_gradio():
+    """Import gradio with its telemetry off, or stop with the one line that says what to install."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no analytics and no version check over the network
+    try:
+        import gradio
+    except ImportError:
+        raise UserError(None, INSTALL_HINT) from None
+    return gradio
+
+
+# ---------------------------------------------------------------- page settings
+
+@dataclass(frozen=True)
+class Limits:
+    max_input_chars: int
+    max_prompt_tokens: int
+    max_new_tokens_limit: int
+    max_queue_size: int
+
+
+def check_web_config(cfg: DictConfig) -> Limits:
+    """One line naming the bad key, before the model is loaded."""
+    from lyra.chat import check_generation
+
+    if OmegaConf.is_missing(cfg, "run_dir"):
+        raise UserError("run_dir", "is required: python -m lyra.web run_dir=<training output dir>")
+    limits = Limits(cfg.max_input_chars, cfg.max_prompt_tokens, cfg.max_new_tokens_limit, cfg.max_queue_size)
+    for key, low in (("max_input_chars", 1), ("max_prompt_tokens", 16), ("max_new_tokens_limit", 1),
+                     ("max_queue_size", 1)):
+        value = getattr(limits, key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            raise UserError(key, f"must be an integer >= {low}, got {value}")
+    generation = OmegaConf.to_container(cfg.generation, resolve=True)
+    check_generation(generation)
+    default_new = generation.get("max_new_tokens")
+    if default_new is not None and default_new > limits.max_new_tokens_limit:
+        raise UserError("generation.max_new_tokens", f"{default_new} is above max_new_tokens_limit "
+                                                     f"({limits.max_new_tokens_limit}); raise the limit or lower it")
+    port = cfg.server_port
+    if port is not None and not (isinstance(port, int) and 0 < port < 65536):
+        raise UserError("server_port", f"must be a TCP port (1-65535) or null, got {port}")
+    return limits
+
+
+def persona_name(system_prompt: str, title: str | None = None) -> str:
+    """The page heading: `title` if set, else the name in "你是萊拉（Lyra），…", else Lyra."""
+    if title:
+        return str(title)
+    match = _NAME_IN_PROMPT.match(system_prompt or "")
+    return match.group(1) if match else "Lyra"
+
+
+def run_summary(run_cfg: DictConfig, run_dir: Path, adapter: str) -> str:
+    """One Markdown line saying what was trained: base, quantization, LoRA, steps, losses."""
+    parts = [f"base `{Path(str(run_cfg.model.name_or_path)).name}`"]
+    if run_cfg.quantization.get("load_in_4bit"):
+        parts.append(f"4-bit {str(run_cfg.quantization.get('bnb_4bit_quant_type', '')).upper()}".strip())
+    lora = run_cfg.get("lora")
+    if lora is not None and adapter != "none":
+        targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+        parts.append(f"LoRA r={lora.r} on {targets}")
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        if "global_step" in metrics:
+            parts.append(f"{metrics['global_step']} steps")
+        for key in ("final_train_loss", "eval_loss"):
+            if isinstance(metrics.get(key), (int, float)):
+                parts.append(f"{key.replace('final_', '').replace('_', ' ')} {metrics[key]:.3f}")
+    parts.append(f"adapter `{adapter}`")
+    return " · ".join(parts)
+
+
+# ---------------------------------------------------------------- the shared model
+
+def message_text(content: Any) -> str:
+    """Plain text of a Gradio message's content (a string, or a list of typed parts in Gradio 6)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Mapping):
+        return str(content.get("text") or "")
+    if isinstance(content, Sequence):
+        return "".join(message_text(part) for part in content)
+    return "" if content is None else str(content)
+
+
+def plain_history(history: Sequence | None) -> list[dict[str, str]]:
+    """Gradio chatbot messages as the chat API's {"role", "content"} messages."""
+    messages = []
+    for item in history or []:
+        if isinstance(item, Mapping) and item.get("role") in ("user", "assistant", "system"):
+            messages.append({"role": item["role"], "content": message_text(item.get("content"))})
+    return messages
+
+
+class _CancellableStreamer:
+    """A transformers streamer that forwards clean text deltas and aborts generate() when asked.
+
+    `generate()` calls `put` once per new token batch; raising there is the only way to stop a
+    running generation early, which frees the model for the next user when a reply is stopped.
+    """
+
+    def __init__(self, tokenizer, out: queue.Queue, stop: threading.Event):
+        from transformers import TextStreamer
+
+        from lyra.chat import ThinkFilter
+
+        outer = self
+
+        class _Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                delta = outer.think.feed(text)
+                if delta:
+                    out.put(delta)
+
+            def put(self, value) -> None:
+                if stop.is_set():
+                    raise _Stopped
+                super().put(value)
+
+        self.think = ThinkFilter()
+        self.streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+class _Stopped(Exception):
+    """The reader went away (Stop, Reset, closed tab): generation ends at the next token."""
+
+
+@dataclass
+class _Final:
+    text: str
+
+
+_DONE = object()
+
+
+class WebChat:
+    """One loaded run shared by every visitor; `stream` yields a growing reply."""
+
+    def __init__(self, run, generation: Mapping[str, Any], limits: Limits):
+        self.run = run
+        self.generation = dict(generation)
+        self.limits = limits
+        self.lock = threading.Lock()
+        self.has_adapter = hasattr(run.model, "disable_adapter")
+
+    def settings(self, temperature=None, top_p=None, max_new_tokens=None) -> dict[str, Any]:
+        """The generation group with the page's slider values on top, checked like the config."""
+        from lyra.chat import check_generation
+
+        settings = dict(self.generation)
+        if temperature is not None:
+            settings["do_sample"] = temperature > 0  # the slider's 0 means greedy, as in the config
+        for key, value in (("temperature", temperature), ("top_p", top_p), ("max_new_tokens", max_new_tokens)):
+            if value is not None:
+                settings[key] = value
+        if settings.get("max_new_tokens") is not None:
+            settings["max_new_tokens"] = int(settings["max_new_tokens"])
+            if not 1 <= settings["max_new_tokens"] <= self.limits.max_new_tokens_limit:
+                raise UserError("max_new_tokens", f"must be in [1, {self.limits.max_new_tokens_limit}], "
+                                                  f"got {settings['max_new_tokens']}")
+        check_generation(settings, key="generation")
+        return settings
+
+    def check_message(self, message: str) -> str:
+        message = (message or "").strip()
+        if not message:
+            raise UserError("message", "is empty")
+        if len(message) > self.limits.max_input_chars:
+            raise UserError("message", f"{len(message)} characters is over the limit of "
+                                       f"{self.limits.max_input_chars} (max_input_chars)")
+        return message
+
+    def _adapter(self, enabled: bool):
+        if enabled or not self.has_adapter:
+            return contextlib.nullcontext()
+        return self.run.model.disable_adapter()
+
+    def stream(self, message: str, history: Sequence | None = None, adapter: bool = True,
+               notify: Callable[[str], Any] | None = None, **generation) -> Iterator[str]:
+        """Yield the clean reply so far, token by token; the last value is the whole reply.
+
+        Generation runs in a worker thread that holds the model lock for the whole reply; closing
+        this generator (Stop, Reset, a closed tab) stops that worker at its next token.
+        """
+        from lyra.chat import context_budget, fit_prompt, generate_response
+
+        message = self.check_message(message)
+        settings = self.settings(**generation)
+        model, tokenizer, system_prompt = self.run.model, self.run.tokenizer, self.run.system_prompt
+        budget = context_budget(model, settings.get("max_new_tokens") or 256, self.limits.max_prompt_tokens)
+        fitted = fit_prompt(message, tokenizer, plain_history(history), system_prompt, budget)
+        if notify and (fitted.dropped_messages or fitted.cut):
+            notify(f"Over {budget} prompt tokens (max_prompt_tokens): " + (
+                "the message was cut" if fitted.cut else f"the oldest {fitted.dropped_messages} messages are left out"))
+        deltas: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        streamer = _CancellableStreamer(tokenizer, deltas, stop)
+
+        def work() -> None:
+            try:
+                with self.lock, self._adapter(adapter):
+                    if not stop.is_set():
+                        deltas.put(_Final(generate_response(fitted.prompt_text, model, tokenizer, fitted.history,
+                                                            system_prompt, streamer=streamer.streamer,
+                                                            max_prompt_tokens=budget, **settings)))
+            except _Stopped:
+                pass
+            except BaseException as error:  # re-raised in the reader's thread
+                deltas.put(error)
+            finally:
+                deltas.put(_DONE)
+
+        threading.Thread(target=work, daemon=True, name="lyra-web-generate").start()
+        shown = ""
+        try:
+            while (item := deltas.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                # the streamed deltas, then generate_response's own clean reply as the last word
+                shown = item.text if isinstance(item, _Final) else shown + item
+                yield shown
+        finally:
+            stop.set()
+
+    def reply(self, message: str, history: Sequence | None = None, adapter: bool = True, **generation) -> str:
+        text = ""
+        for text in self.stream(message, history, adapter, **generation):
+            pass
+        return text
+
+
+# ---------------------------------------------------------------- the page
+
+@contextlib.contextmanager
+def shown_on_page(gr) -> Iterator[None]:
+    """A UserError (bad slider value, message too long) becomes Gradio's error toast / API error."""
+    try:
+        yield
+    except UserError as error:
+        raise gr.Error(str(error)) from None
+
+
+def build_page(chat: WebChat, title: str, gr):
+    """The Gradio Blocks page; queue it and launch it (see `serve`)."""
+    run, limits = chat.run, chat.limits
+    defaults = chat.settings()
+    greedy = not defaults.get("do_sample", True) or defaults.get("temperature") == 0
+    model_events = {"concurrency_id": "model", "concurrency_limit": 1}  # one generation at a time, UI and API
+
+    with gr.Blocks(title=f"{title} · lyra", analytics_enabled=False, fill_height=True) as page:
+        gr.Markdown(f"# {title}\n{run_summary(run.cfg, run.run_dir, run.adapter)}", elem_id="lyra-header")
+        with gr.Accordion("Persona: the run's system prompt", open=False):
+            gr.Markdown(run.system_prompt or "*(no system prompt)*", elem_id="lyra-system-prompt")
+        with gr.Row(equal_height=True):
+            with gr.Column():
+                lyra_chat = gr.Chatbot(label=f"{title} (adapter on)", elem_id="lyra-chat", height=460,
+                                       placeholder=f"**{title}** is listening.", buttons=["copy"])
+            with gr.Column(visible=False) as base_column:
+                base_chat = gr.Chatbot(label="Base model (adapter off)", elem_id="lyra-base-chat", height=460,
+                                       buttons=["copy"])
+        with gr.Row():
+            textbox = gr.Textbox(placeholder=f"Message {title}… (Enter to send)", show_label=False, scale=8,
+                                 max_length=limits.max_input_chars, autofocus=True, elem_id="lyra-input")
+            send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="lyra-send")
+            stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="lyra-stop")
+            reset = gr.Button("Reset", scale=1, min_width=80, elem_id="lyra-reset")
+        with gr.Accordion("Generation", open=True):
+            with gr.Row():
+                temperature = gr.Slider(0, 2, value=0 if greedy else defaults.get("temperature", 0.7), step=0.05,
+                                        label="temperature", info="0 = greedy; higher = more varied")
+                top_p = gr.Slider(0.05, 1, value=defaults.get("top_p") or 1.0, step=0.05, label="top_p",
+                                  info="nucleus sampling: drops the unlikely tail")
+                max_new_tokens = gr.Slider(1, limits.max_new_tokens_limit, step=1, label="max_new_tokens",
+                                           value=min(defaults.get("max_new_tokens") or 256,
+                                                     limits.max_new_tokens_limit),
+                                           info="reply length cap: longer answers vs. waiting")
+            compare = gr.Checkbox(value=False, interactive=chat.has_adapter, elem_id="lyra-compare",
+                                  label="Compare with the base model (adapter off): the same message, answered "
+                                        "without the fine-tuning" if chat.has_adapter else
+                                        "Compare with the base model: this page was started with adapter=none")
+        pending = gr.State("")
+
+        def add_message(message: str, history: list, base_history: list, compare_on: bool):
+            with shown_on_page(gr):
+                message = chat.check_message(message)
+            turn = {"role": "user", "content": message}
+            base_history = [*base_history, turn] if compare_on else base_history
+            return "", [*history, turn], base_history, message
+
+        def respond(message: str, history: list, base_history: list, compare_on: bool,
+                    temperature_value: float, top_p_value: float, max_new: float):
+            settings = {"temperature": temperature_value, "top_p": top_p_value, "max_new_tokens": int(max_new)}
+            panes = [(history, True)] + ([(base_history, False)] if compare_on and chat.has_adapter else [])
+            with shown_on_page(gr):
+                for pane, adapter_on in panes:
+                    prior = pane[:-1]  # the pane ends with this message, added by add_message
+                    pane.append({"role": "assistant", "content": ""})
+                    for text in chat.stream(message, prior, adapter=adapter_on, notify=gr.Info, **settings):
+                        pane[-1] = {"role": "assistant", "content": text}
+                        yield history, base_history
+
+        sent = [trigger(add_message, [textbox, lyra_chat, base_chat, compare], [textbox, lyra_chat, base_chat, pending],
+                        queue=False, api_visibility="private")
+                .success(respond, [pending, lyra_chat, base_chat, compare, temperature, top_p, max_new_tokens],
+                         [lyra_chat, base_chat], api_visibility="private", **model_events)
+                for trigger in (textbox.submit, send.click)]
+        stop.click(None, cancels=sent, queue=False, api_visibility="private")
+        reset.click(lambda: ([], [], ""), None, [lyra_chat, base_chat, textbox], cancels=sent, queue=False,
+                    api_visibility="private")
+        compare.change(lambda on: gr.Column(visible=on), compare, base_column, queue=False, api_visibility="private")
+
+        def chat_api(message: str, history: list[dict] | None = None, temperature: float | None = None,
+                     top_p: float | None = None, max_new_tokens: int | None = None,
+                     adapter: bool = True) -> Iterator[str]:
+            """Lyra's reply to `message` after `history` ([{"role", "content"}...]), streamed as it grows.
+            adapter=False answers with the base model. Unset knobs use the server's generation config."""
+            with shown_on_page(gr):
+                yield from chat.stream(message, history, adapter=adapter, temperature=temperature, top_p=top_p,
+                                       max_new_tokens=max_new_tokens)
+
+        gr.api(chat_api, api_name="chat", **model_events)
+    return page
+
+
+def serve(cfg: DictConfig) -> None:
+    """Load the run and serve its page until Ctrl-C."""
+    from lyra.runs import load_run
+
+    gr = require_gradio()
+    limits = check_web_config(cfg)
+    run = load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device)
+    chat = WebChat(run, OmegaConf.to_container(cfg.generation, resolve=True), limits)
+    page = build_page(chat, persona_name(run.system_prompt, cfg.title), gr)
+    page.queue(max_size=limits.max_queue_size, default_concurrency_limit=1)
+    page.launch(server_name=cfg.server_name, server_port=cfg.server_port, share=cfg.share, ssr_mode=False,
+                show_error=True, mcp_server=False)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="web")
+def main(cfg: DictConfig) -> None:
+    from lyra.runs import configure_cli_logging
+
+    configure_cli_logging(logging.INFO)
+    with exit_on_user_error():
+        serve(cfg)
+
+
+if __name__ == "__main__":
+    main()
