@@ -54,10 +54,15 @@ def worst_value(direction: str) -> float:
     return math.inf if direction == "minimize" else -math.inf
 
 
-def objective_value(metrics: dict[str, Any], objective: DictConfig) -> float:
-    """The number the sweeper optimizes: metrics[objective.metric]."""
+def check_objective(objective: DictConfig) -> None:
     if objective.direction not in DIRECTIONS:
         raise UserError("objective.direction", f"must be minimize or maximize, got {objective.direction!r}")
+    if not isinstance(objective.metric, str) or not objective.metric:
+        raise UserError("objective.metric", "must name a key of metrics.json, e.g. eval_loss")
+
+
+def objective_value(metrics: dict[str, Any], objective: DictConfig) -> float:
+    """The number the sweeper optimizes: metrics[objective.metric]."""
     value = metrics.get(objective.metric)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
@@ -104,6 +109,7 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> f
 
     Single runs keep their normal behaviour: a user error exits 2 with one line, a crash raises.
     """
+    check_objective(cfg.objective)  # before training: a typo here would waste a whole sweep
     if not is_multirun():
         metrics = train(cfg)
         return metrics.get(cfg.objective.metric)

@@ -24,8 +24,11 @@ os.environ.pop("WANDB_API_KEY", None)  # never go online from a test
 os.environ["LYRA_CACHE"] = os.environ.get("LYRA_TEST_CACHE") or tempfile.mkdtemp(prefix="lyra-test-cache-")
 
 
-def compose(overrides: list[str], config_name: str = "train"):
-    """Compose a config like `python -m lyra.train <overrides>` would, without running Hydra."""
+def compose(overrides: list[str], config_name: str = "train", return_hydra_config: bool = False):
+    """Compose a config like `python -m lyra.train <overrides>` would, without running Hydra.
+
+    return_hydra_config=True keeps the `hydra` node (sweeper, launcher, callbacks) for inspection.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -33,7 +36,8 @@ def compose(overrides: list[str], config_name: str = "train"):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=overrides)
+            return hydra_compose(config_name=config_name, overrides=overrides,
+                                 return_hydra_config=return_hydra_config)
     finally:
         GlobalHydra.instance().clear()
 
