@@ -57,6 +57,8 @@ def bitsandbytes_problem() -> str | None:
 def validate(cfg: DictConfig) -> None:
     """Refuse bad values with one line naming the key and the allowed range."""
     _check_missing(cfg)
+    from lyra.evaluate import validate_probes  # the eval group (persona probes); eval=none passes
+    validate_probes(cfg.get("eval"))
     lora, trainer, data = cfg.lora, cfg.trainer, cfg.data
     _require(isinstance(lora.r, int) and lora.r > 0, "lora.r", f"must be an integer > 0, got {lora.r}")
     _require(_is_number(lora.lora_alpha) and lora.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {lora.lora_alpha}")

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from lyra.config import validate, validate_max_length
 from lyra.data import build_datasets
 from lyra.errors import UserError, exit_on_user_error
+from lyra.evaluate import PersonaProbeCallback
 from lyra.modeling import (apply_lora, build_model, build_quantization, build_tokenizer, count_parameters,
                            resolve_dtype)
 from lyra.distributed import rank_aware_argv
@@ -94,9 +95,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     args = build_training_args(cfg.trainer, run_dir, dtype, has_eval=splits.eval is not None)
     wandb_run = start_run(cfg, run_dir) if args.process_index == 0 else None
+    probes = PersonaProbeCallback(cfg.get("eval"), cfg.data.system_prompt, wandb_run)  # eval=none: no-op
     # supervised-only logits + dynamic padding / padding-free (lyra.trainer)
     trainer = build_trainer(model, args, tokenizer, splits.train, splits.eval, cfg.data.padding_free,
-                            callbacks=[WandbLogCallback(wandb_run)] if wandb_run else [])
+                            callbacks=([WandbLogCallback(wandb_run)] if wandb_run else []) + [probes])
 
     result = trainer.train()
 
@@ -116,6 +118,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if splits.eval is not None:
         final_eval = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
         metrics["eval_loss"] = final_eval[-1]["eval_loss"] if final_eval else trainer.evaluate()["eval_loss"]
+    metrics.update(probes.metrics)  # final persona metrics: sweeps can rank by them
     metrics["peak_memory_bytes"] = peak_memory_bytes()
 
     if trainer.is_world_process_zero():
