@@ -8,6 +8,7 @@ code that has them (`validate_max_length`, `lyra.modeling.apply_lora`).
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -54,11 +55,45 @@ def bitsandbytes_problem() -> str | None:
     return None
 
 
+def _is_within(path: Path, root: Path) -> bool:
+    return path == root or path.is_relative_to(root)
+
+
+def validate_output_dir(output_dir: Path, hydra_cfg: DictConfig) -> None:
+    """A job writes under the project's outputs/ (or multirun/) unless the dir is given explicitly.
+
+    Explicit means `hydra.run.dir=`, `hydra.sweep.dir=` or `paths.output_dir=` on the command line;
+    a dir that only comes from a config file (e.g. an experiment preset) must stay in the project.
+    Multirun jobs must each write inside their own job dir, or they would resume each other.
+    """
+    from hydra.types import RunMode
+
+    output_dir = Path(output_dir).resolve()
+    job_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+    if hydra_cfg.mode == RunMode.MULTIRUN and not _is_within(output_dir, job_dir):
+        raise UserError("paths.output_dir", f"{output_dir} is shared by every job of this multirun; leave "
+                                            "paths.output_dir alone and set hydra.sweep.dir= instead")
+    explicit_keys = {"hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "paths.output_dir"}
+    overrides = [*hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task]
+    if any(override.split("=", 1)[0].lstrip("+~") in explicit_keys for override in overrides):
+        return
+    launch_dir = Path(hydra_cfg.runtime.cwd).resolve()
+    roots = [launch_dir / "outputs", launch_dir / "multirun"]
+    _require(any(_is_within(output_dir, root) for root in roots), "paths.output_dir",
+             f"{output_dir} is outside the project's outputs ({roots[0]}, {roots[1]}); pass hydra.run.dir= "
+             "or paths.output_dir= on the command line to write there on purpose")
+
+
 def validate(cfg: DictConfig) -> None:
     """Refuse bad values with one line naming the key and the allowed range."""
     _check_missing(cfg)
     from lyra.evaluate import validate_probes  # the eval group (persona probes); eval=none passes
     validate_probes(cfg.get("eval"))
+    _require(isinstance(cfg.resume, str) and cfg.resume.strip() != "", "resume",
+             f"must be auto, never, or the path of a run dir or checkpoint, got {cfg.resume!r}")
+    _require(isinstance(cfg.overwrite, bool), "overwrite", f"must be true or false, got {cfg.overwrite!r}")
+    _require(isinstance(cfg.model.trust_remote_code, bool), "model.trust_remote_code",
+             f"must be true or false, got {cfg.model.trust_remote_code!r}")
     lora, trainer, data = cfg.lora, cfg.trainer, cfg.data
     _require(isinstance(lora.r, int) and lora.r > 0, "lora.r", f"must be an integer > 0, got {lora.r}")
     _require(_is_number(lora.lora_alpha) and lora.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {lora.lora_alpha}")
@@ -87,6 +122,10 @@ def validate(cfg: DictConfig) -> None:
                  f"4-bit needs bitsandbytes>=0.47 ({problem}); `pip install -U bitsandbytes` or use quantization=none")
     if cfg.model.get("build") is None and not cfg.model.name_or_path:
         raise UserError("model.name_or_path", "must name a hub model or a local directory")
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():  # API callers (tests, notebooks) choose their dir themselves
+        validate_output_dir(Path(cfg.paths.output_dir), HydraConfig.get())
 
 
 def validate_max_length(max_length: int, system_prompt: str | None, tokenizer) -> None:

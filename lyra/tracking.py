@@ -26,6 +26,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
+from lyra.secrets import scrub
+
 log = logging.getLogger(__name__)
 
 
@@ -107,7 +109,7 @@ def start_run(cfg: DictConfig, run_dir: Path, job_type: str = "train"):
         name=name,
         job_type=job_type,
         tags=run_tags(cfg),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=scrub(OmegaConf.to_container(cfg, resolve=True)),  # env secrets masked (lyra.secrets)
         reinit="create_new",
         settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
     )

@@ -22,6 +22,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lyra.checkpointing import guard_training, resolve_resume
 from lyra.config import validate, validate_max_length
 from lyra.data import build_datasets
 from lyra.errors import UserError, exit_on_user_error
@@ -30,6 +31,7 @@ from lyra.modeling import (apply_lora, build_model, build_quantization, build_to
                            resolve_dtype)
 from lyra.distributed import rank_aware_argv
 from lyra.sweep import run_job
+from lyra.secrets import protect_run, scrub, scrub_config
 from lyra.tracking import WandbLogCallback, finish_run, start_run
 from lyra.trainer import build_trainer
 
@@ -76,6 +78,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    protect_run(run_dir)  # secrets masked in logs and .hydra/ from here on
+    resume_from = resolve_resume(cfg.resume, cfg.overwrite, run_dir, cfg.lora)
 
     set_seed(cfg.trainer.seed)  # python, numpy and torch; data order follows trainer.data_seed
 
@@ -100,7 +104,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(model, args, tokenizer, splits.train, splits.eval, cfg.data.padding_free,
                             callbacks=([WandbLogCallback(wandb_run)] if wandb_run else []) + [probes])
 
-    result = trainer.train()
+    with guard_training(trainer, run_dir, cfg):  # atomic checkpoints; SIGINT/SIGTERM/OOM keep the adapter
+        result = trainer.train(resume_from_checkpoint=resume_from)
 
     metrics: dict[str, Any] = {
         "train_loss": result.training_loss,
@@ -124,9 +129,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         trainer.model.save_pretrained(run_dir / "adapter")
         tokenizer.save_pretrained(run_dir / "adapter")
-        OmegaConf.save(cfg, run_dir / "resolved_config.yaml", resolve=True)
+        OmegaConf.save(scrub_config(cfg), run_dir / "resolved_config.yaml")
         trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (run_dir / "metrics.json").write_text(json.dumps(scrub(metrics), indent=2) + "\n")
         log.info("adapter, tokenizer and metrics saved in %s", run_dir)
     finish_run(wandb_run, metrics)
     return metrics

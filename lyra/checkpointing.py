@@ -1,0 +1,331 @@
+"""Runs that survive kills: resume resolution, atomic checkpoints, interrupts and OOM advice.
+
+`lyra.train` calls two things from here:
+
+    resume_from = resolve_resume(cfg.resume, cfg.overwrite, run_dir, cfg.lora)   # before anything heavy
+    with guard_training(trainer, run_dir, cfg):                                  # around trainer.train()
+        trainer.train(resume_from_checkpoint=resume_from)
+
+- `resume=auto` continues from the newest *complete* checkpoint in `<run_dir>/checkpoints`;
+  `resume=never` refuses a dir with earlier results unless `overwrite=true`; any other value is a
+  run dir or a checkpoint to continue from. The Trainer restores weights, optimizer, scheduler,
+  RNG state and the data order (it skips the batches already seen in the current epoch).
+- Checkpoints are written under `checkpoints/.partial/` and renamed into place, so a process
+  killed while saving leaves no `checkpoint-N` that looks usable. Leftovers are reported and
+  removed; a `checkpoint-N` missing files (written by plain transformers) is reported and skipped.
+- SIGINT/SIGTERM stop training after the current optimizer step, save a checkpoint and the
+  adapter as `<run_dir>/interrupted/`, and exit with 128 + the signal number. A second signal
+  aborts at once.
+- An out-of-memory error ends with one line naming the knobs that help, in order, after saving
+  the adapter to `interrupted/` when a checkpoint exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from transformers import TrainerCallback
+
+from lyra.errors import UserError
+from lyra.paths import resolve_user_path
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+STAGING_DIR = ".partial"  # inside CHECKPOINTS_DIR; never matches transformers' checkpoint-N pattern
+INTERRUPTED_DIR = "interrupted"
+# What the Trainer needs to continue exactly where it stopped (rng_state*.pth is optional: the
+# Trainer then warns that reproducibility is not guaranteed).
+REQUIRED_FILES = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json", "optimizer.pt",
+                  "scheduler.pt")
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------- resume
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from, or None for a complete checkpoint."""
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        step = json.loads((path / "trainer_state.json").read_text())["global_step"]
+    except (ValueError, KeyError) as error:
+        return f"unreadable trainer_state.json ({error})"
+    match = _CHECKPOINT_NAME.match(path.name)
+    if match and int(match.group(1)) != step:
+        return f"trainer_state.json says step {step}"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as weights:
+            weights.keys()
+    except Exception as error:  # a truncated file fails in the header parser with varied types
+        return f"unreadable adapter_model.safetensors ({type(error).__name__})"
+    return None
+
+
+def scan_checkpoints(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(complete checkpoints oldest first, [(broken checkpoint, why)]) under `root`."""
+    complete, broken = [], []
+    if not root.is_dir():
+        return complete, broken
+    for staged in sorted((root / STAGING_DIR).glob("*")):
+        broken.append((staged, "half-written (the run stopped while saving it)"))
+    for path in root.iterdir():
+        if path.is_dir() and _CHECKPOINT_NAME.match(path.name):
+            problem = checkpoint_problem(path)
+            if problem:
+                broken.append((path, problem))
+            else:
+                complete.append(path)
+    complete.sort(key=lambda p: int(_CHECKPOINT_NAME.match(p.name).group(1)))
+    return complete, broken
+
+
+def _report_broken(broken: list[tuple[Path, str]]) -> None:
+    for path, why in broken:
+        log.warning("ignoring checkpoint %s: %s", path, why)
+        if path.parent.name == STAGING_DIR:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_adapter_matches(checkpoint: Path, lora_cfg: DictConfig) -> None:
+    """Continuing an adapter of another shape would fail deep inside PEFT; say which key differs."""
+    saved = json.loads((checkpoint / "adapter_config.json").read_text())
+    if saved.get("r") != lora_cfg.r:
+        raise UserError("lora.r", f"{checkpoint} was trained with lora.r={saved.get('r')}, not {lora_cfg.r}; "
+                                  "set it back or start a new run dir")
+    if sorted(saved.get("target_modules") or []) != sorted(lora_cfg.target_modules):
+        raise UserError("lora.target_modules", f"{checkpoint} was trained with {sorted(saved['target_modules'])}; "
+                                               "set them back or start a new run dir")
+
+
+def _previous_results(run_dir: Path) -> list[str]:
+    names = [CHECKPOINTS_DIR, INTERRUPTED_DIR, "adapter"]
+    return [name for name in names if (run_dir / name).exists() and any((run_dir / name).iterdir())]
+
+
+def _clear_previous(run_dir: Path, found: list[str]) -> None:
+    for name in found:
+        shutil.rmtree(run_dir / name)
+    log.warning("overwrite=true: removed %s from %s; training starts from scratch", ", ".join(found), run_dir)
+
+
+def _resolve_path(resume: str) -> Path:
+    path = resolve_user_path(resume)
+    if not path.exists():
+        raise UserError("resume", f"{path} does not exist; use auto, never, or a run dir or checkpoint path")
+    if (path / "trainer_state.json").is_file():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UserError("resume", f"{path} is not a complete checkpoint: {problem}")
+        return path
+    root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+    complete, broken = scan_checkpoints(root)
+    for checkpoint, why in broken:
+        log.warning("ignoring checkpoint %s: %s", checkpoint, why)
+    if not complete:
+        raise UserError("resume", f"no complete checkpoint in {root}")
+    return complete[-1]
+
+
+def resolve_resume(resume: str, overwrite: bool, run_dir: Path, lora_cfg: DictConfig) -> str | None:
+    """The checkpoint `trainer.train` continues from, or None to start from scratch.
+
+    Cheap (no model, no tokenizer): runs right after validation so a refused resume costs nothing.
+    """
+    root = run_dir / CHECKPOINTS_DIR
+    found = _previous_results(run_dir)
+    if resume not in ("auto", "never"):
+        checkpoint = _resolve_path(str(resume))
+        if overwrite and checkpoint.is_relative_to(run_dir):
+            raise UserError("overwrite", f"would delete {checkpoint}, the checkpoint resume= points at")
+        if overwrite and found:
+            _clear_previous(run_dir, found)
+        elif any(name != "adapter" for name in found) and not checkpoint.is_relative_to(run_dir):
+            raise UserError("resume", f"{run_dir} already has {', '.join(found)}; resume=auto continues it, "
+                                      "overwrite=true replaces it")
+    elif overwrite:
+        if found:
+            _clear_previous(run_dir, found)
+        return None
+    else:
+        complete, broken = scan_checkpoints(root)
+        _report_broken(broken)
+        if resume == "never" and found:
+            raise UserError("resume", f"resume=never but {run_dir} already has {', '.join(found)}; "
+                                      "use resume=auto to continue or overwrite=true to start over")
+        if not complete:
+            if "adapter" in found or INTERRUPTED_DIR in found:
+                raise UserError("resume", f"{run_dir} holds a trained adapter but no checkpoint to continue from; "
+                                          "use overwrite=true to retrain or another hydra.run.dir")
+            return None
+        checkpoint = complete[-1]
+    _check_adapter_matches(checkpoint, lora_cfg)
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    log.info("resuming from %s (step %d): weights, optimizer, scheduler, RNG and data order restored",
+             checkpoint, step)
+    return str(checkpoint)
+
+
+# ------------------------------------------------------------------------------ atomic checkpoints
+
+def _publish(staged: Path, final: Path) -> None:
+    """Move a fully written directory into place; a stale `final` (same step, older run) goes first."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staged, final)
+
+
+def make_checkpoints_atomic(trainer) -> None:
+    """Make `trainer` write each checkpoint under `.partial/` and rename it once complete.
+
+    Wraps the instance's `_save_checkpoint` (rather than subclassing Trainer) so it composes with
+    whatever Trainer subclass lyra uses. The Trainer derives the checkpoint dir from
+    `_get_output_dir`, which is pointed at the staging dir while a save is in progress.
+    """
+    from transformers.trainer_utils import rotate_checkpoints
+
+    if getattr(trainer, "_lyra_atomic", False):
+        return
+    root = Path(trainer.args.output_dir)
+    staging_root = root / STAGING_DIR
+    save_checkpoint, get_output_dir = trainer._save_checkpoint, trainer._get_output_dir
+    saving = threading.local()
+
+    def staged_output_dir(trial=None):
+        return str(staging_root) if getattr(saving, "active", False) else get_output_dir(trial)
+
+    def atomic_save_checkpoint(model, trial):
+        name = f"checkpoint-{trainer.state.global_step}"
+        saving.active = True
+        try:
+            save_checkpoint(model, trial)
+        finally:
+            saving.active = False
+        if trainer.args.should_save:
+            _publish(staging_root / name, root / name)
+            if trainer.state.best_model_checkpoint and Path(trainer.state.best_model_checkpoint).parent == staging_root:
+                trainer.state.best_model_checkpoint = str(root / Path(trainer.state.best_model_checkpoint).name)
+            with contextlib.suppress(OSError):
+                staging_root.rmdir()
+            rotate_checkpoints(str(root), save_total_limit=trainer.args.save_total_limit,
+                               best_model_checkpoint=trainer.state.best_model_checkpoint)
+
+    trainer._get_output_dir = staged_output_dir
+    trainer._save_checkpoint = atomic_save_checkpoint
+    trainer._lyra_atomic = True
+
+
+# ------------------------------------------------------------------------------- interrupts + OOM
+
+def save_interrupted(trainer, run_dir: Path, reason: str) -> Path:
+    """The adapter as it is now (+ tokenizer), written atomically to `<run_dir>/interrupted/`."""
+    final = run_dir / INTERRUPTED_DIR
+    staged = run_dir / f".{INTERRUPTED_DIR}.partial"
+    shutil.rmtree(staged, ignore_errors=True)
+    trainer.model.save_pretrained(staged)
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(staged)
+    complete, _ = scan_checkpoints(Path(trainer.args.output_dir))
+    (staged / "interrupted.json").write_text(json.dumps({
+        "reason": reason,
+        "global_step": trainer.state.global_step,
+        "resume_checkpoint": str(complete[-1]) if complete else None,
+    }, indent=2) + "\n")
+    _publish(staged, final)
+    return final
+
+
+class _StopOnSignal(TrainerCallback):
+    """Ends training after the current optimizer step, with a checkpoint, once a signal arrived."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_training_stop = True
+            control.should_save = args.save_strategy != "no"
+        return control
+
+
+def oom_advice(cfg: DictConfig, step: int, saved: Path | None, resume_from: Path | None) -> str:
+    """One line: the knobs that lower memory, in the order that costs the least quality/speed."""
+    trainer, data = cfg.trainer, cfg.data
+    batch, accumulation = trainer.per_device_train_batch_size, trainer.gradient_accumulation_steps
+    hints = []
+    if batch > 1:
+        hints.append(f"trainer.per_device_train_batch_size={batch // 2} trainer.gradient_accumulation_steps="
+                     f"{accumulation * 2} (same effective batch {batch * accumulation})")
+    hints.append(f"a lower data.max_length (now {data.max_length})")
+    if not trainer.gradient_checkpointing:
+        hints.append("trainer.gradient_checkpointing=true")
+    message = f"out of memory at step {step}; try, in order: " + "; then ".join(hints)
+    if saved is not None:
+        message += f". Adapter saved in {saved}; rerunning resumes from {resume_from.name}"
+    return message
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+@contextlib.contextmanager
+def guard_training(trainer, run_dir: Path, cfg: DictConfig) -> Iterator[None]:
+    """Atomic checkpoints, SIGINT/SIGTERM -> `interrupted/` + exit 128+signum, OOM -> advice.
+
+    Wrap exactly the `trainer.train(...)` call.
+    """
+    make_checkpoints_atomic(trainer)
+    stopper = _StopOnSignal()
+    trainer.add_callback(stopper)
+    previous: dict[int, object] = {}
+
+    def on_signal(signum, frame):
+        stopper.signum = signum
+        signal.signal(signum, previous[signum])  # a second signal takes the default way out
+        log.warning("%s received: stopping after this step and saving the adapter (send again to abort now)",
+                    signal.Signals(signum).name)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:  # signal handlers can only be installed there (e.g. not under a web UI thread)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, on_signal)
+    try:
+        yield
+    except BaseException as error:
+        if not _is_oom(error):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        complete, _ = scan_checkpoints(Path(trainer.args.output_dir))
+        saved = save_interrupted(trainer, run_dir, "out of memory") if complete else None
+        raise UserError(None, oom_advice(cfg, trainer.state.global_step, saved,
+                                         complete[-1] if complete else None)) from None
+    finally:
+        trainer.remove_callback(stopper)
+        if in_main_thread:
+            for signum, handler in previous.items():
+                if signal.getsignal(signum) is on_signal:
+                    signal.signal(signum, handler)
+    if stopper.signum is not None:
+        name = signal.Signals(stopper.signum).name
+        saved = save_interrupted(trainer, run_dir, name)
+        complete, _ = scan_checkpoints(Path(trainer.args.output_dir))
+        log.warning("%s: stopped at step %d; adapter saved in %s%s", name, trainer.state.global_step, saved,
+                    f"; rerun the same command to resume from {complete[-1].name}" if complete else "")
+        raise SystemExit(128 + stopper.signum)
