@@ -82,10 +82,7 @@ def run_validate(args) -> int:
 
 
 def run_stats(args) -> int:
-    from omegaconf import OmegaConf
-
-    from lyra.data.stats import corpus_stats, format_stats, training_defaults
-    from lyra.modeling import build_tokenizer, qwen3_tokenizer_dir
+    from lyra.data.stats import corpus_stats, format_stats, qwen3_tokenizer, training_defaults
 
     if args.file and args.split:
         raise UserError("--split", "selects a split of the embedded corpus; drop it when giving FILE")
@@ -105,9 +102,7 @@ def run_stats(args) -> int:
         raise UserError("--max-length", f"must be >= 1, got {max_length}")
     conversations, skipped = load_checked(path, key=str(path), on_invalid="skip",
                                           labels=parse_label_options(args.label))
-    tokenizer = build_tokenizer(OmegaConf.create({"name_or_path": str(qwen3_tokenizer_dir()),
-                                                  "trust_remote_code": False}))
-    stats = corpus_stats(conversations, tokenizer, max_length, system_prompt or None)
+    stats = corpus_stats(conversations, qwen3_tokenizer(), max_length, system_prompt or None)
     stats["file"] = str(path)
     stats["skipped_invalid"] = len(skipped)
     print(json.dumps(stats, ensure_ascii=False, indent=2) if args.json else format_stats(stats, source))

