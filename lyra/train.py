@@ -118,6 +118,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "total_params": total_params,
         "train_examples": len(splits.train),
         "dropped_turns": splits.train_stats.dropped_turns,
+        "skipped_conversations": splits.skipped,  # invalid ones, under data.on_invalid=skip
         "world_size": args.world_size,
     }
     if splits.eval is not None:
