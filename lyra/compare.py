@@ -29,7 +29,6 @@ from lyra.errors import UserError, exit_on_user_error
 RUN_MARKERS = ("metrics.json", "failed.json", ".hydra")
 SKIP_DIRS = {"adapter", "checkpoints", "wandb", ".hydra", ".submitit"}
 MAX_DEPTH = 4  # sweep dir / job dir is depth 1; nested launch layouts stay well under this
-PERSONA_PREFIXES = ("persona", "eval_persona")
 
 
 @dataclass
@@ -132,8 +131,10 @@ def varying_keys(runs: list[Run]) -> list[str]:
 
 
 def persona_keys(runs: list[Run]) -> list[str]:
-    keys = sorted({key for run in runs for key in run.metrics if key.startswith(PERSONA_PREFIXES)})
-    return [key for key in keys if any(isinstance(run.metrics.get(key), (int, float)) for run in runs)]
+    """The persona probe metrics (lyra.evaluate) that at least one run reports."""
+    from lyra.evaluate import PERSONA_METRICS
+
+    return [key for key in PERSONA_METRICS if any(isinstance(run.metrics.get(key), (int, float)) for run in runs)]
 
 
 def _short(key: str) -> str:

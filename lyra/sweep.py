@@ -13,7 +13,9 @@ value instead of raising: Hydra 1.3's basic sweeper re-raises the first failure 
 `SweepSummary` is a Hydra callback (wired in conf/train.yaml). At the start of a multirun it
 writes `<sweep_dir>/sweep.json` (the swept keys, which name each job's W&B run, even when jobs
 run in other processes or on other machines); at the end it ranks the jobs, prints the table
-and writes `<sweep_dir>/sweep_summary.json` with the best job and its overrides.
+and writes `<sweep_dir>/sweep_summary.json` with the best job and its overrides. It also links
+every job's W&B run into `<sweep_dir>/wandb/`, so `wandb leet <sweep_dir>/wandb` browses the whole
+sweep and `wandb sync <sweep_dir>/wandb/offline-run-*` uploads it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import gc
 import json
 import logging
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -169,6 +172,7 @@ class SweepSummary(Callback):
         summary = summarize(runs, metric, direction, sweep_dir)
         (sweep_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
                                               encoding="utf-8")
+        linked = link_wandb_runs(sweep_dir, [run.path for run in runs])
         print(f"\nlyra sweep summary: {sweep_dir} ({summary['completed']} completed, {summary['failed']} failed, "
               f"{summary['incomplete']} incomplete; ranked by {metric}, {direction})")
         print(format_table(runs, metric))
@@ -178,6 +182,24 @@ class SweepSummary(Callback):
         else:
             print(f"best: none (no job reported {metric})")
         print(f"saved: {sweep_dir / SUMMARY_FILE}", flush=True)
+        if linked:
+            print(f"W&B: {linked} runs linked in {sweep_dir / 'wandb'}: browse with `wandb leet {sweep_dir / 'wandb'}`, "
+                  f"upload with `wandb sync {sweep_dir / 'wandb'}/offline-run-*` (offline runs)", flush=True)
+
+
+def link_wandb_runs(sweep_dir: Path, job_dirs: list[Path]) -> int:
+    """`<sweep_dir>/wandb/<run>` -> `../<job>/wandb/<run>`: one wandb dir for `wandb leet` / `wandb sync`,
+    while each run's files stay in its own job dir. Returns how many runs are linked."""
+    run_dirs = [run for job in job_dirs for run in sorted((job / "wandb").glob("*run-*")) if run.is_dir()]
+    if not run_dirs:
+        return 0
+    hub = sweep_dir / "wandb"
+    hub.mkdir(exist_ok=True)
+    for run_dir in run_dirs:
+        link = hub / run_dir.name
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to(os.path.relpath(run_dir, hub), target_is_directory=True)
+    return len(run_dirs)
 
 
 def summarize(runs: list, metric: str, direction: str, sweep_dir: Path) -> dict[str, Any]:

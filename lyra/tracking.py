@@ -85,6 +85,10 @@ def run_tags(cfg: DictConfig) -> list[str]:
     return list(dict.fromkeys([*map(str, cfg.logger.tags), *generated]))
 
 
+# wandb stages logged tables/artifacts under WANDB_DATA_DIR (default ~/.local/share/wandb) until they
+# are uploaded; lyra points it into the job's own wandb/ dir unless the user chose a location.
+_USER_DATA_DIR = os.environ.get("WANDB_DATA_DIR")
+
 # The run this process is tracking: finish_run logs its adapter, fail_active_run closes it when a
 # sweep job dies half-way (lyra.sweep), so the next job of the same process starts clean.
 _active: dict[str, Any] = {}
@@ -100,6 +104,8 @@ def start_run(cfg: DictConfig, run_dir: Path, job_type: str = "train"):
     if mode == "auto":
         mode = "online" if has_wandb_api_key() else "offline"
     group, name = hydra_job_identity(run_dir)
+    if _USER_DATA_DIR is None:
+        os.environ["WANDB_DATA_DIR"] = str(run_dir / "wandb")
     run = wandb.init(
         project=cfg.logger.project,
         entity=cfg.logger.entity,

@@ -70,3 +70,19 @@ def _tokenizer_dir() -> Path:
     from lyra.modeling import qwen3_tokenizer_dir
 
     return qwen3_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> list[str]:
+    """Overrides pointing data at the first 16 train / 2 eval conversations of the embedded corpus.
+
+    For subprocess runs that only need *a* training: evaluating the full eval split on the tiny
+    model's 151,936-way logits costs far more than the two training steps.
+    """
+    from lyra.data import corpus_file
+
+    directory = tmp_path_factory.mktemp("small-corpus")
+    for split, count in (("train", 16), ("eval", 2)):
+        lines = corpus_file(split).read_text(encoding="utf-8").splitlines()[:count]
+        (directory / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [f"data.train_file={directory / 'train.jsonl'}", f"data.eval_file={directory / 'eval.jsonl'}"]

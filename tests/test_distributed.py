@@ -45,11 +45,11 @@ def _offline_runs(root: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_two_process_cpu_run_writes_one_adapter_and_one_wandb_run(tmp_path):
+def test_two_process_cpu_run_writes_one_adapter_and_one_wandb_run(tmp_path, small_corpus):
     env = {**os.environ, "HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     command = ["accelerate", "launch", "--config_file", str(REPO_ROOT / "conf/accelerate/multi_gpu.yaml"),
                "--num_processes", "2", "-m", "lyra.train", "experiment=smoke", "trainer.max_steps=2",
-               "trainer.eval_steps=2", "trainer.save_steps=2", "hydra.run.dir=ddp"]
+               "trainer.eval_steps=2", "trainer.save_strategy=no", "eval=none", *small_corpus, "hydra.run.dir=ddp"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "ddp"

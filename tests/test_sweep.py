@@ -18,10 +18,11 @@ from omegaconf import OmegaConf
 
 from lyra import compare
 from lyra.errors import UserError
+from lyra.evaluate import PERSONA_METRICS
 from lyra.sweep import check_objective, objective_value, swept_keys, worst_value
 from lyra.tracking import run_name
 
-FAST = ["experiment=smoke", "trainer.max_steps=2", "trainer.eval_steps=2", "trainer.save_steps=2"]
+FAST = ["experiment=smoke", "trainer.max_steps=2", "trainer.eval_steps=2", "trainer.save_strategy=no"]
 
 
 def lyra_train(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -48,10 +49,11 @@ def wandb_run_record(job_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def grid_sweep(tmp_path_factory):
+def grid_sweep(tmp_path_factory, small_corpus):
     """lora.r=4,8,0 with W&B on and adapters uploaded: two jobs train, r=0 fails validation."""
     cwd = tmp_path_factory.mktemp("grid")
-    result = lyra_train(["-m", *FAST, "lora.r=4,8,0", "logger.log_adapter=true", "hydra.sweep.dir=S"], cwd)
+    result = lyra_train(["-m", *FAST, *small_corpus, "lora.r=4,8,0", "logger.log_adapter=true", "hydra.sweep.dir=S"],
+                        cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, cwd / "S", result
 
@@ -88,6 +90,10 @@ def test_grid_sweep_survives_a_failed_job_and_writes_a_summary(grid_sweep):
 def test_grid_sweep_wandb_runs_share_a_group_and_carry_swept_values(grid_sweep):
     _, sweep, _ = grid_sweep
     assert not (sweep / "2" / "wandb").exists()  # the failed job never got as far as a run
+    # the sweep's wandb/ links each job's run, for `wandb leet S/wandb` and `wandb sync S/wandb/offline-run-*`
+    hub = {link.resolve() for link in (sweep / "wandb").iterdir()}
+    assert hub == {run.resolve() for job in ("0", "1") for run in (sweep / job / "wandb").glob("offline-run-*")}
+    assert len(hub) == 2
     runs = {job: wandb_run_record(sweep / job) for job in ("0", "1")}
     groups = {run["run_group"] for run in runs.values()}
     assert len(groups) == 1 and groups.pop() == f"{sweep.parent.name}/S"
@@ -99,10 +105,11 @@ def test_grid_sweep_wandb_runs_share_a_group_and_carry_swept_values(grid_sweep):
         assert config["paths"]["output_dir"] == str((sweep / job).resolve())
         assert f"lora-r{r}" in run["tags"] and "tiny_qwen3" in run["tags"] and "4bit" in run["tags"]
         metrics = json.loads((sweep / job / "metrics.json").read_text())
-        for key in ("eval_loss", "final_train_loss", "trainable_params", "peak_memory_bytes", "tokens_per_second"):
+        for key in ("eval_loss", "final_train_loss", "trainable_params", "peak_memory_bytes", "tokens_per_second",
+                    *PERSONA_METRICS):  # smoke runs two persona probes at the last step
             assert run["summary"][key] == metrics[key], key
         assert run["summary"]["status"] == "completed"
-        (artifact,) = run["artifacts"]
+        (artifact,) = [a for a in run["artifacts"] if a["type"] == "model"]  # eval tables come as run_table
         assert artifact["type"] == "model"
         assert {"adapter_model.safetensors", "adapter_config.json"} <= {e["path"] for e in artifact["manifest"]["contents"]}
 
@@ -118,6 +125,7 @@ def test_compare_ranks_a_sweep_and_a_mixture(grid_sweep, capsys, tmp_path):
     best = min(losses, key=losses.get)
     assert rows[0].split()[1] == best and f"{losses[best]:.4f}" in rows[0]
     assert {"r=4", "r=8"} <= {row.split()[3] for row in rows}
+    assert "master_rate" in out.splitlines()[0]  # persona metrics get their own columns
     csv_rows = (tmp_path / "compare.csv").read_text().splitlines()
     assert csv_rows[0].startswith("rank,run,status,overrides,lora.r,eval_loss") and len(csv_rows) == 4
     png = (tmp_path / "compare.png").read_bytes()
@@ -179,9 +187,10 @@ def test_objective_reads_the_configured_metric():
 
 
 @pytest.mark.slow
-def test_same_sweep_through_submitit(tmp_path):
+def test_same_sweep_through_submitit(tmp_path, small_corpus):
     """hydra/launcher=submitit_local: the code path of the SLURM preset, jobs in their own processes."""
-    result = lyra_train(["-m", "hydra/launcher=submitit_local", *FAST, "lora.r=4,8", "hydra.sweep.dir=S"], tmp_path)
+    result = lyra_train(["-m", "hydra/launcher=submitit_local", *FAST, *small_corpus, "eval=none", "lora.r=4,8",
+                         "hydra.sweep.dir=S"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "S"
     names, groups = set(), set()
