@@ -47,6 +47,7 @@ from lyra.errors import UserError, exit_on_user_error
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "the web page needs Gradio: pip install -e '.[web]'"
+EMPTY_REPLY = "*(empty reply: the model stopped without writing any text)*"  # shown, never fed back
 _NAME_IN_PROMPT = re.compile(r"^\s*(?:你是|You are)\s*([^，,。.\s]+)")
 
 
@@ -141,7 +142,8 @@ def plain_history(history: Sequence | None) -> list[dict[str, str]]:
     messages = []
     for item in history or []:
         if isinstance(item, Mapping) and item.get("role") in ("user", "assistant", "system"):
-            messages.append({"role": item["role"], "content": message_text(item.get("content"))})
+            text = message_text(item.get("content"))
+            messages.append({"role": item["role"], "content": "" if text == EMPTY_REPLY else text})
     return messages
 
 
@@ -349,7 +351,7 @@ def build_page(chat: WebChat, title: str, gr):
                     prior = pane[:-1]  # the pane ends with this message, added by add_message
                     pane.append({"role": "assistant", "content": ""})
                     for text in chat.stream(message, prior, adapter=adapter_on, notify=gr.Info, **settings):
-                        pane[-1] = {"role": "assistant", "content": text}
+                        pane[-1] = {"role": "assistant", "content": text or EMPTY_REPLY}
                         yield history, base_history
 
         sent = [trigger(add_message, [textbox, lyra_chat, base_chat, compare], [textbox, lyra_chat, base_chat, pending],

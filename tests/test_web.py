@@ -1,0 +1,294 @@
+"""The web chat page: config checks, the shared model under concurrency, the /chat API of a real
+server subprocess (gradio_client), and a real headless Chromium typing into the page.
+
+    python -m pytest tests/test_web.py -q
+    python -m pytest tests/test_web.py -m browser      # only the browser test (needs Debian's chromium)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, compose
+
+pytest.importorskip("gradio", reason="the web extra is not installed: pip install -e '.[web]'")
+
+MAX_NEW_TOKENS = 12  # short replies keep the tiny model's CPU generation fast
+# Greedy for repeatable replies; the random tiny model greedily repeats "\n\n" (an empty reply) unless
+# repetition is penalised hard.
+GREEDY = {"do_sample": False, "repetition_penalty": 3.0, "max_new_tokens": MAX_NEW_TOKENS}
+THINK_TAGS = ("<think>", "</think>")
+
+
+def web_cfg(run_dir, *extra: str):
+    return compose([f"run_dir={run_dir}", *extra], config_name="web")
+
+
+# ---------------------------------------------------------------- without a model
+
+def test_without_gradio_names_the_install_command(monkeypatch, capsys, tmp_path):
+    from lyra.errors import exit_on_user_error
+    from lyra.web import serve
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now raises ImportError
+    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
+        serve(web_cfg(tmp_path))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "lyra: error: the web page needs Gradio: pip install -e '.[web]'\n"
+
+
+@pytest.mark.parametrize(("override", "line"), [
+    ("max_input_chars=0", "max_input_chars: must be an integer >= 1, got 0"),
+    ("server_port=70000", "server_port: must be a TCP port (1-65535) or null, got 70000"),
+    ("generation.max_new_tokens=2000", "generation.max_new_tokens: 2000 is above max_new_tokens_limit (1024); "
+                                       "raise the limit or lower it"),
+    ("generation.top_p=1.5", "generation.top_p: must be in (0, 1], got 1.5"),
+])
+def test_bad_config_is_one_line_before_loading(override, line, tmp_path):
+    from lyra.errors import UserError
+    from lyra.web import check_web_config
+
+    with pytest.raises(UserError) as error:
+        check_web_config(web_cfg(tmp_path / "never-read", override))
+    assert str(error.value) == line
+
+
+def test_persona_name_and_gradio_messages():
+    from lyra.web import EMPTY_REPLY, persona_name, plain_history
+
+    assert persona_name("你是萊拉（Lyra），一位溫柔的女僕。") == "萊拉（Lyra）"
+    assert persona_name("You are Nova, a pilot.") == "Nova"
+    assert persona_name("請用繁體中文回答。") == "Lyra"
+    assert persona_name("你是萊拉（Lyra），…", title="Lyra v2") == "Lyra v2"
+    gradio6 = [{"role": "user", "metadata": None, "content": [{"text": "你好", "type": "text"}], "options": None},
+               {"role": "assistant", "content": [{"text": "主人", "type": "text"}, {"text": "好", "type": "text"}]},
+               {"role": "assistant", "content": "plain"}, {"role": "assistant", "content": EMPTY_REPLY}]
+    assert plain_history(gradio6) == [{"role": "user", "content": "你好"},
+                                      {"role": "assistant", "content": "主人好"},
+                                      {"role": "assistant", "content": "plain"},
+                                      {"role": "assistant", "content": ""}]  # the placeholder is not her words
+
+
+# ---------------------------------------------------------------- the shared model, in process
+
+@pytest.fixture(scope="module")
+def web_chat(smoke_run):
+    from lyra.runs import load_run
+    from lyra.web import WebChat, check_web_config
+
+    cfg = web_cfg(smoke_run)
+    run = load_run(smoke_run, adapter="adapter", device="cpu")
+    return WebChat(run, GREEDY, check_web_config(cfg))
+
+
+def test_stream_is_the_chat_reply_and_adapter_off_is_the_base(web_chat):
+    """Greedy: adapter on = lyra.chat's reply; adapter off = the same model with its LoRA disabled."""
+    from lyra.chat import generate_response
+
+    run = web_chat.run
+    history = [{"role": "user", "content": "你是誰？"}, {"role": "assistant", "content": "我是萊拉。"}]
+    steps = list(web_chat.stream("今天天氣如何？", history))
+    expected = generate_response("今天天氣如何？", run.model, run.tokenizer, history, run.system_prompt, **GREEDY)
+    assert steps[-1] == expected and expected
+    assert all(later.startswith(earlier) for earlier, later in zip(steps, steps[1:]))  # it grows, never rewrites
+    assert not any(tag in step for step in steps for tag in THINK_TAGS)
+
+    with run.model.disable_adapter():
+        base_reply = generate_response("今天天氣如何？", run.model, run.tokenizer, history, run.system_prompt, **GREEDY)
+    assert web_chat.reply("今天天氣如何？", history, adapter=False) == base_reply
+    assert base_reply != expected  # the comparison shows something: the adapter changes the reply
+    assert web_chat.reply("今天天氣如何？", history) == expected  # the adapter is back on afterwards
+
+
+def test_concurrent_adapter_on_and_off_do_not_mix(web_chat):
+    """Threads asking with and without the adapter at once get exactly their serial replies."""
+    prompts = [("你好", True), ("你好", False), ("晚安", True), ("晚安", False)]
+    serial = [web_chat.reply(text, adapter=on) for text, on in prompts]
+    results: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i, t=t, on=on: results.__setitem__(i, web_chat.reply(t, adapter=on)))
+               for i, (t, on) in enumerate(prompts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [results[i] for i in range(len(prompts))] == serial
+
+
+def test_closing_the_stream_stops_generation_and_frees_the_model(web_chat):
+    calls = []
+    hook = web_chat.run.model.get_base_model().register_forward_hook(lambda *args: calls.append(1))
+    try:
+        stream = web_chat.stream("說一個很長的故事", temperature=0.8, max_new_tokens=1024)
+        next(stream)
+        stream.close()  # what Gradio does on Stop, Reset or a closed tab
+        assert web_chat.lock.acquire(timeout=30)
+        web_chat.lock.release()
+    finally:
+        hook.remove()
+    assert 0 < len(calls) < 50  # one forward per token: stopped long before 1024
+
+
+def test_bounds_are_enforced_server_side(web_chat):
+    from lyra.errors import UserError
+
+    limit = web_chat.limits.max_input_chars
+    with pytest.raises(UserError, match=rf"message: {limit + 1} characters is over the limit of {limit}"):
+        next(web_chat.stream("字" * (limit + 1)))
+    with pytest.raises(UserError, match=r"max_new_tokens: must be in \[1, 1024\], got 5000"):
+        next(web_chat.stream("你好", max_new_tokens=5000))
+    with pytest.raises(UserError, match="message: is empty"):
+        next(web_chat.stream("   "))
+
+
+# ---------------------------------------------------------------- a real server
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def web_server(smoke_run, tmp_path_factory):
+    """`python -m lyra.web` on a free port, started from an empty cwd; yields its URL."""
+    import urllib.request
+
+    cwd = tmp_path_factory.mktemp("web-cwd")
+    port = free_port()
+    log_path = cwd.parent / "web-server.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "lyra.web", f"run_dir={smoke_run}", f"server_port={port}",
+             *(f"generation.{key}={value}" for key, value in GREEDY.items())],
+            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"lyra.web exited with {server.returncode}:\n{log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"lyra.web did not serve {url} within 180 s:\n{log_path.read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert list(cwd.iterdir()) == []  # Hydra and Gradio wrote nothing into the launch dir
+
+
+def test_api_replies_streams_and_serves_three_at_once(web_server):
+    from gradio_client import Client
+
+    client = Client(web_server, verbose=False)
+    job = client.submit("你好，萊拉！", [], api_name="/chat")
+    reply = job.result(timeout=120)
+    steps = job.outputs()
+    assert reply and reply == steps[-1]
+    assert len(steps) > 1 and all(b.startswith(a) for a, b in zip(steps, steps[1:]))  # streamed as it grew
+    assert not any(tag in reply for tag in THINK_TAGS)
+
+    history = [{"role": "user", "content": "你好，萊拉！"}, {"role": "assistant", "content": reply}]
+    jobs = [Client(web_server, verbose=False).submit(message, history, None, None, None, adapter,
+                                                     api_name="/chat")
+            for message, adapter in (("我今天有點累", True), ("推薦一本書", True), ("我今天有點累", False))]
+    replies = [job.result(timeout=180) for job in jobs]
+    assert all(isinstance(r, str) and r and not any(tag in r for tag in THINK_TAGS) for r in replies)
+    assert replies[0] != replies[2]  # greedy, same message: adapter on vs. off differ
+
+    with pytest.raises(Exception, match="over the limit of 2000"):
+        client.predict("字" * 2001, [], api_name="/chat")
+
+
+# ---------------------------------------------------------------- a real browser
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def chromium_or_skip() -> str:
+    """Debian's chromium; its absence skips locally but fails in CI, where .ci/run installs it."""
+    path = os.environ.get("LYRA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    problem = None
+    if path is None:
+        problem = "no chromium: apt-get install -y chromium chromium-driver"
+    else:
+        try:
+            import playwright  # noqa: F401
+        except ImportError:
+            problem = "no playwright: pip install -e '.[dev]'"
+    if problem and os.environ.get("CI"):
+        pytest.fail(f"browser test cannot run in CI: {problem}")
+    if problem:
+        pytest.skip(problem)
+    return path
+
+
+@pytest.mark.browser
+def test_browser_types_a_message_and_gets_streamed_replies(web_server, tmp_path):
+    chromium = chromium_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    requested_hosts = set()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("request", lambda request: requested_hosts.add(request.url.split("/")[2]))
+            page.goto(web_server)
+            expect(page.locator("#lyra-header")).to_contain_text("萊拉（Lyra）", timeout=60_000)
+            expect(page.locator("#lyra-header")).to_contain_text("LoRA r=8 on q_proj, v_proj")
+
+            page.locator("#lyra-input textarea").fill("你好，萊拉！")
+            page.locator("#lyra-send").click()
+            bot = page.locator("#lyra-chat [data-testid='bot']")
+            expect(bot).to_have_count(1, timeout=60_000)
+            expect(bot.first).not_to_have_text("", timeout=60_000)
+            expect(page.locator("#lyra-chat [data-testid='user']")).to_have_text("你好，萊拉！")
+            expect(page.locator("#lyra-input textarea")).to_have_value("")
+
+            # the adapter-off comparison: a second pane answers the same message with the base model
+            expect(page.locator("#lyra-base-chat")).to_be_hidden()
+            page.locator("#lyra-compare input").check()
+            expect(page.locator("#lyra-base-chat")).to_be_visible()
+            page.locator("#lyra-input textarea").fill("我今天有點累")
+            page.locator("#lyra-input textarea").press("Enter")
+            expect(bot).to_have_count(2, timeout=60_000)
+            base_bot = page.locator("#lyra-base-chat [data-testid='bot']")
+            expect(base_bot).to_have_count(1, timeout=60_000)
+            expect(base_bot.first).not_to_have_text("", timeout=60_000)
+            expect(page.locator("#lyra-base-chat [data-testid='user']")).to_have_text("我今天有點累")
+            page.wait_for_timeout(500)  # let the last streamed chunk render
+            replies = bot.all_inner_texts() + base_bot.all_inner_texts()
+            assert all(reply.strip() for reply in replies)
+            assert not any(tag in reply for reply in replies for tag in THINK_TAGS)
+            page.screenshot(path=str(tmp_path / "web.png"), full_page=True)
+            if os.environ.get("LYRA_WEB_SCREENSHOT"):  # how docs/web_screenshot.png is made
+                page.screenshot(path=os.environ["LYRA_WEB_SCREENSHOT"], full_page=True)
+
+            page.locator("#lyra-reset").click()
+            expect(page.locator("#lyra-chat [data-testid='bot']")).to_have_count(0)
+            expect(base_bot).to_have_count(0)
+        finally:
+            browser.close()
+    assert (tmp_path / "web.png").stat().st_size > 10_000
+    assert requested_hosts == {web_server.split("/")[2]}  # the page loads nothing from the internet
