@@ -406,11 +406,12 @@ class ChatSession:
 def chat(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> None:
     """Run the chat app for a composed conf/chat.yaml: one-shot with `prompt`, else interactive."""
-    from lyra.runs import load_run
+    from lyra.runs import load_run, run_dir_path
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise UserError("run_dir", "is required: python -m lyra.chat run_dir=<training output dir>")
+    run_dir_path(cfg.run_dir)  # before anything slow: a wrong path is the most common mistake
     check_generation(OmegaConf.to_container(cfg.generation, resolve=True))
     if not (isinstance(cfg.max_prompt_tokens, int) and cfg.max_prompt_tokens >= 16):
         raise UserError("max_prompt_tokens", f"must be an integer >= 16, got {cfg.max_prompt_tokens}")
@@ -420,6 +421,32 @@ def chat(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
         session.reply(str(cfg.prompt), label="")
         return
     session.loop()
+
+
+TEXT_KEYS = ("prompt", "user_label", "bot_label")
+
+
+def hydra_quote(value: str) -> str:
+    """A Hydra override value that reads back as exactly `value` (quotes, `${`, trailing backslashes)."""
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+    value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)  # no interpolation
+    return "'" + value + "'"
+
+
+def quote_text_overrides(argv: list[str], keys: Sequence[str] = TEXT_KEYS) -> list[str]:
+    """Quote free-text overrides such as `prompt=你好，主人！`, which Hydra's grammar rejects unquoted.
+
+    Values the user already quoted are left alone.
+    """
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        already_quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        if sep and key in keys and not already_quoted:
+            arg = f"{key}={hydra_quote(value)}"
+        quoted.append(arg)
+    return quoted
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="chat")
@@ -435,4 +462,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_text_overrides(sys.argv)
     main()

@@ -1,0 +1,159 @@
+"""Ship Lyra: merge a run's LoRA adapter into its base model and save a standalone model.
+
+    python -m lyra.export run_dir=outputs/2026-01-01/12-00-00 output_dir=lyra-merged
+    python -m lyra.export run_dir=R output_dir=M adapter=checkpoints/checkpoint-50 dtype=float32
+
+The adapter is merged with `merge_and_unload` into a full-precision copy of the base (bf16 on a
+bf16 GPU, fp32 elsewhere; a 4-bit-trained run is merged into the unquantized base, as QLoRA
+intends). The output holds safetensors weights, the tokenizer and chat template, and a
+generation_config that stops on both <|im_end|> and <|endoftext|> with the generation group's
+sampling settings. It loads with plain transformers, no peft:
+
+    model = AutoModelForCausalLM.from_pretrained("lyra-merged")
+    tokenizer = AutoTokenizer.from_pretrained("lyra-merged")
+
+With embed_system_prompt=true (default) the saved chat template adds the run's system prompt to
+any chat that has none, so `apply_chat_template` gives exactly the prompts Lyra was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import lyra
+from lyra.errors import UserError, exit_on_user_error
+from lyra.paths import resolve_user_path
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_FILE = "lyra_export.json"
+
+
+def export_dtype(name: str):
+    """auto: bf16 on a bf16-capable GPU, fp32 otherwise (fp16 would risk overflow in Qwen3)."""
+    import torch
+
+    from lyra.modeling import resolve_dtype
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return resolve_dtype(name)
+
+
+def template_with_system_prompt(template: str, system_prompt: str) -> str:
+    """The chat template, prefixed so that a chat without a system message gets `system_prompt`.
+
+    json.dumps yields a valid Jinja string literal (Jinja reads the same backslash escapes).
+    """
+    literal = json.dumps(system_prompt, ensure_ascii=False)
+    prefix = ("{%- if not messages or messages[0]['role'] != 'system' %}"
+              f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+              "{%- endif %}\n")
+    return prefix + template
+
+
+def _publishable(directory: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only modes; a shipped model follows the umask."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def check_output_dir(output_dir: Path, run_dir: Path, overwrite: bool) -> None:
+    inside_training = any(output_dir.is_relative_to(run_dir / name) for name in ("adapter", "checkpoints"))
+    if run_dir.is_relative_to(output_dir) or inside_training:
+        raise UserError("output_dir", f"{output_dir} would overwrite the training run; choose a new directory")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError("output_dir", f"{output_dir} is a file")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise UserError("output_dir", f"{output_dir} is not empty; choose another or pass overwrite=true")
+
+
+def export(cfg: DictConfig) -> Path:
+    """Merge and save; returns the output dir. Writes nothing but output_dir."""
+    from lyra.chat import check_generation, generation_config
+    from lyra.modeling import build_model, training_device
+    from lyra.runs import (adapter_dir, apply_adapter, check_adapter_base, load_run_config, load_run_tokenizer,
+                           run_dir_path)
+
+    for key in ("run_dir", "output_dir"):
+        if OmegaConf.is_missing(cfg, key):
+            raise UserError(key, f"is required: python -m lyra.export run_dir=<training output dir> output_dir=<new dir>")
+    generation: dict[str, Any] = OmegaConf.to_container(cfg.generation, resolve=True)
+    check_generation(generation)
+    dtype = export_dtype(cfg.dtype)
+    run_dir = run_dir_path(cfg.run_dir)
+    output_dir = resolve_user_path(cfg.output_dir)
+    check_output_dir(output_dir, run_dir, cfg.overwrite)
+    run_cfg = load_run_config(run_dir)
+    adapter_path = adapter_dir(run_dir, cfg.adapter)
+    if adapter_path is None:
+        raise UserError("adapter", "export merges an adapter; adapter=none would only copy the base model")
+    check_adapter_base(adapter_path, run_cfg.model)
+    tokenizer = load_run_tokenizer(run_dir, adapter_path, run_cfg.model)
+
+    device = cfg.device or training_device()
+    log.info("merging %s into %s (%s, %s)", adapter_path, run_cfg.model.name_or_path, dtype, device)
+    model = build_model(run_cfg.model, None, dtype, device)  # full precision even if trained in 4-bit
+    model = apply_adapter(model, adapter_path).merge_and_unload()
+    model.config.use_cache = True  # build_model disables it for training; users generate
+    gen_config = generation_config(tokenizer, **generation)
+    gen_config.bos_token_id = model.generation_config.bos_token_id
+    model.generation_config = gen_config
+
+    system_prompt = run_cfg.data.get("system_prompt") or ""
+    if cfg.embed_system_prompt and system_prompt:
+        tokenizer.chat_template = template_with_system_prompt(tokenizer.chat_template, system_prompt)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging, max_shard_size=cfg.max_shard_size)
+        tokenizer.save_pretrained(staging)
+        provenance = {
+            "lyra_version": lyra.__version__,
+            "run_dir": str(run_dir),
+            "adapter": str(adapter_path),
+            "base_model": str(run_cfg.model.name_or_path),
+            "trained_quantization": OmegaConf.to_container(run_cfg.quantization, resolve=True),
+            "lora": OmegaConf.to_container(run_cfg.lora, resolve=True) if "lora" in run_cfg else None,
+            "dtype": str(dtype).removeprefix("torch."),
+            "system_prompt": system_prompt,
+            "system_prompt_in_chat_template": bool(cfg.embed_system_prompt and system_prompt),
+        }
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, ensure_ascii=False, indent=2) + "\n",
+                                               encoding="utf-8")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)  # only reached when empty or overwrite=true
+        _publishable(staging)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"merged model written to {output_dir}")
+    return output_dir
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    from lyra.runs import configure_cli_logging
+
+    configure_cli_logging()
+    with exit_on_user_error():
+        export(cfg)
+
+
+if __name__ == "__main__":
+    main()
