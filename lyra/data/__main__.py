@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--split", choices=("train", "eval"), default=None,
                        help="embedded corpus split (default train); only without FILE")
     stats.add_argument("--max-length", type=int, default=None,
-                       help="tokens per example, as data.max_length (default: conf/data/lyra.yaml)")
+                       help="tokens per example, as data.max_length (default: that of a default training run)")
     stats.add_argument("--system-prompt", default=None,
-                       help="system prompt added to conversations without one (default: conf/data/lyra.yaml)")
+                       help="system prompt added to conversations without one (default: data.system_prompt)")
     stats.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     _add_label_option(stats)
     return parser

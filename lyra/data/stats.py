@@ -24,14 +24,22 @@ from lyra.data.formats import Conversation
 from lyra.data.tokenization import EncodeStats, encode_conversation, encode_turn, with_system_prompt
 from lyra.errors import UserError
 
-DATA_CONF = Path(__file__).resolve().parents[2] / "conf" / "data" / "lyra.yaml"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def training_defaults() -> tuple[int, str | None]:
-    """(max_length, system_prompt) of the `data=lyra` config group, so stats match a default run."""
-    if not DATA_CONF.is_file():
-        raise UserError("--max-length", f"{DATA_CONF} not found; pass --max-length and --system-prompt")
-    data = OmegaConf.load(DATA_CONF)
+    """(max_length, system_prompt) of a default training run, composed by Hydra like `lyra.train`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not (CONF_DIR / "train.yaml").is_file():
+        raise UserError("--max-length", f"{CONF_DIR} not found; pass --max-length and --system-prompt")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            data = compose(config_name="train").data
+    finally:
+        GlobalHydra.instance().clear()
     return int(data.max_length), data.system_prompt
 
 
