@@ -111,7 +111,7 @@ def normalize_record(record: Any, default_id: str) -> tuple[Conversation | None,
     return Conversation(conversation_id, messages), None
 
 
-def _decode(data: bytes, path: Path) -> tuple[str | None, list[Problem]]:
+def decode_text(data: bytes, path: Path) -> tuple[str | None, list[Problem]]:
     """The file's text (BOM dropped), or one problem per line holding bytes that are not UTF-8."""
     try:
         return data.decode("utf-8-sig"), []
@@ -195,7 +195,7 @@ def read_conversations(path: str | Path, labels: dict[str, str] | None = None
     """
     path = Path(path)
     data = path.read_bytes()
-    text, problems = _decode(data, path)
+    text, problems = decode_text(data, path)
     if text is None:
         return [], problems
     if not text.strip():

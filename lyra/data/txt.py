@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from lyra.data.formats import ROLES, Conversation, Problem, _decode, format_problems
+from lyra.data.formats import ROLES, Conversation, Problem, decode_text, format_problems
 from lyra.errors import UserError
 
 DEFAULT_LABELS = {
@@ -164,7 +164,7 @@ def convert_txt_to_jsonl(input_txt: str | Path, output_jsonl: str | Path,
     input_txt = Path(input_txt)
     if not input_txt.is_file():
         raise UserError("input", f"file not found: {input_txt}")
-    text, problems = _decode(input_txt.read_bytes(), input_txt)
+    text, problems = decode_text(input_txt.read_bytes(), input_txt)
     conversations: list[Conversation] = []
     if text is not None:
         conversations, problems = parse_txt(text, input_txt, labels)
