@@ -123,6 +123,18 @@ def _clear_previous(run_dir: Path, found: list[str]) -> None:
     log.warning("overwrite=true: removed %s from %s; training starts from scratch", ", ".join(found), run_dir)
 
 
+def _step(checkpoint_or_run: Path) -> int | None:
+    state = checkpoint_or_run / "trainer_state.json"
+    return json.loads(state.read_text()).get("global_step") if state.is_file() else None
+
+
+def _refuse_finished(run_dir: Path, newest: Path) -> None:
+    """Rerunning a finished command would train 0 steps and overwrite metrics.json with zeros."""
+    if (run_dir / "metrics.json").is_file() and (run_dir / "adapter").is_dir() and _step(run_dir) == _step(newest):
+        raise UserError("resume", f"{run_dir} already finished at step {_step(newest)}; use overwrite=true to retrain, "
+                                  f"resume={newest} with more trainer.max_steps to train further, or another dir")
+
+
 def _resolve_path(resume: str) -> Path:
     path = resolve_user_path(resume)
     if not path.exists():
@@ -173,10 +185,10 @@ def resolve_resume(resume: str, overwrite: bool, run_dir: Path, lora_cfg: DictCo
                                           "use overwrite=true to retrain or another hydra.run.dir")
             return None
         checkpoint = complete[-1]
+        _refuse_finished(run_dir, checkpoint)
     _check_adapter_matches(checkpoint, lora_cfg)
-    step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
     log.info("resuming from %s (step %d): weights, optimizer, scheduler, RNG and data order restored",
-             checkpoint, step)
+             checkpoint, _step(checkpoint))
     return str(checkpoint)
 
 

@@ -41,7 +41,13 @@ def _check_file(cfg: DictConfig, key: str) -> None:
         return
     path = resolve_user_path(value)
     _require(path.is_file(), key, f"file not found: {path}")
-    _require(path.stat().st_size > 0, key, f"file is empty: {path}")
+    _require(path.stat().st_size > 0 and _has_content(path), key, f"file is empty: {path}")
+
+
+def _has_content(path: Path) -> bool:
+    """Any non-blank line; reads only up to the first one, so huge files cost nothing."""
+    with path.open("rb") as handle:
+        return any(line.strip() for line in handle)
 
 
 def bitsandbytes_problem() -> str | None:

@@ -70,8 +70,8 @@ def test_sigkilled_run_rerun_with_same_command_ends_with_the_same_adapter(tmp_pa
     assert 6 <= int(resumed.group(2)) < 15
     state = json.loads((run_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 15
-    # Only the steps after the checkpoint were trained again.
-    assert [e["step"] for e in state["log_history"] if "loss" in e][0] == int(resumed.group(2)) + 1
+    # Only the steps after the checkpoint were trained again (the Trainer prints one loss dict per step).
+    assert (rerun.stdout + rerun.stderr).count("'loss':") == 15 - int(resumed.group(2))
 
     reference = adapter_weights(reference_dir / "adapter")
     assert max_difference(adapter_weights(run_dir / "adapter"), reference) < 1e-4
@@ -288,3 +288,14 @@ def test_oom_advice_skips_knobs_already_at_their_limit():
                       "trainer.gradient_checkpointing=true", "data.max_length=512"])
     assert oom_advice(config, 7, None, None) == \
         "out of memory at step 7; try, in order: a lower data.max_length (now 512)"
+
+
+def test_rerunning_a_finished_run_is_refused_instead_of_overwriting_its_metrics(smoke_run, tmp_path):
+    run_dir = tmp_path / "finished"
+    shutil.copytree(smoke_run, run_dir)
+    with pytest.raises(UserError) as error:
+        resolve_resume("auto", False, run_dir, lora())
+    checkpoint = run_dir / "checkpoints" / "checkpoint-8"
+    assert str(error.value) == (f"resume: {run_dir} already finished at step 8; use overwrite=true to retrain, "
+                                f"resume={checkpoint} with more trainer.max_steps to train further, or another dir")
+    assert resolve_resume(str(checkpoint), False, run_dir, lora()) == str(checkpoint)

@@ -1,0 +1,123 @@
+"""Secrets never reach disk: planted env values are masked in config, metrics, logs and W&B.
+
+The end-to-end test runs `python -m lyra.train` with W&B offline, a config value interpolated
+from `${oc.env:HF_TOKEN}`, and planted `WANDB_API_KEY`/`HF_TOKEN`/`*PASSWORD` values, then greps
+every byte the run wrote. It also checks that the run wrote nothing outside its run dir.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from lyra.secrets import MASK, install_log_scrubber, scrub, scrub_config, scrub_files, secret_values
+
+PLANTED = {
+    "WANDB_API_KEY": "planted0wandb0key0000000000000000000000000",
+    "HF_TOKEN": "hf_plantedHubToken1234567890",
+    "LYRA_TEST_DB_PASSWORD": "planted-db-password-42",
+    "MY_SERVICE_SECRET": "planted-service-secret-99",
+}
+
+
+@pytest.fixture
+def planted(monkeypatch):
+    for name, value in PLANTED.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # named like a token, but a flag
+    monkeypatch.setenv("LYRA_TEST_PLAIN_VALUE", "plain-value-not-hidden")
+    return PLANTED
+
+
+def test_secret_values_are_env_values_named_like_credentials(planted):
+    values = secret_values()
+    assert set(planted.values()) <= set(values)
+    assert "false" not in values and "plain-value-not-hidden" not in values
+    assert secret_values({"GITHUB_TOKEN": "ghp_abcdefgh", "HOME": "/root/secret-home", "API_KEY": "short"}) == \
+        ["ghp_abcdefgh"]
+
+
+def test_scrub_masks_nested_values_and_keeps_everything_else(planted):
+    token = planted["HF_TOKEN"]
+    data = {"model": {"token": token, "url": f"https://user:{token}@hub/x", "r": 8},
+            "tags": ["a", token], "loss": 1.5}
+    assert scrub(data) == {"model": {"token": MASK, "url": f"https://user:{MASK}@hub/x", "r": 8},
+                           "tags": ["a", MASK], "loss": 1.5}
+    assert data["model"]["token"] == token  # a copy; the live config keeps working
+
+
+def test_a_secret_containing_another_is_masked_whole():
+    assert scrub("xx abcdefgh-12345678 yy", ["abcdefgh-12345678", "abcdefgh"]) == f"xx {MASK} yy"
+
+
+def test_scrub_config_masks_an_env_interpolation(planted):
+    config = OmegaConf.create({"hub": {"token": "${oc.env:HF_TOKEN}"}, "plain": "${oc.env:LYRA_TEST_PLAIN_VALUE}"})
+    assert OmegaConf.to_container(scrub_config(config)) == {"hub": {"token": MASK},
+                                                            "plain": "plain-value-not-hidden"}
+
+
+def test_log_records_are_masked_for_every_handler(planted):
+    install_log_scrubber()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("lyra.test_secrets")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("login with %s and %s", planted["HF_TOKEN"], planted["LYRA_TEST_DB_PASSWORD"])
+        logger.warning(f"key={planted['WANDB_API_KEY']}")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == f"login with {MASK} and {MASK}\nkey={MASK}\n"
+
+
+def test_hydra_records_of_shell_expanded_overrides_are_masked(planted, tmp_path):
+    (tmp_path / "overrides.yaml").write_text(f"- +hub.token={planted['HF_TOKEN']}\n- lora.r=8\n")
+    scrub_files(tmp_path)
+    assert (tmp_path / "overrides.yaml").read_text() == f"- +hub.token={MASK}\n- lora.r=8\n"
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(path for path in root.rglob("*") if path.is_file())
+
+
+@pytest.mark.slow
+def test_planted_secrets_never_reach_the_run_dir_and_nothing_is_written_outside_it(tmp_path):
+    launch, home = tmp_path / "project", tmp_path / "home"
+    launch.mkdir()
+    home.mkdir()
+    env = {**os.environ, **PLANTED, "HOME": str(home)}
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "XDG_CACHE_HOME",
+                 "XDG_CONFIG_HOME"):
+        env.pop(name, None)
+    run_dir = launch / "outputs" / "secret-run"
+    result = subprocess.run(
+        [sys.executable, "-m", "lyra.train", "experiment=smoke", "quantization=none", "data.max_length=128",
+         "logger=wandb", "logger.mode=offline", "trainer.max_steps=2", "trainer.save_steps=2",
+         "trainer.eval_steps=2", "+hub_token=${oc.env:HF_TOKEN}", "hydra.run.dir=outputs/secret-run"],
+        cwd=launch, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # The interpolated value did reach the config (so masking had something to do)...
+    assert OmegaConf.load(run_dir / "resolved_config.yaml").hub_token == MASK
+    written = files_under(run_dir)
+    assert run_dir / "train.log" in written and run_dir / "metrics.json" in written
+    assert any(path.suffix == ".wandb" for path in written), "no offline W&B run was written"
+    # ...and no planted value is anywhere in what the run wrote, text or binary, nor on its console.
+    for path in written:
+        content = path.read_bytes()
+        for name, value in PLANTED.items():
+            assert value.encode() not in content, f"{name} leaked into {path.relative_to(run_dir)}"
+    for name, value in PLANTED.items():
+        assert value not in result.stdout + result.stderr, f"{name} leaked to the console"
+
+    # Every file the run wrote is inside its run dir (the model cache is LYRA_CACHE, set by conftest).
+    assert [path for path in files_under(launch) if not path.is_relative_to(run_dir)] == []
+    assert files_under(home) == []
