@@ -32,7 +32,7 @@ import logging
 import os
 import queue
 import re
-import sys
+import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -92,7 +92,19 @@ def check_web_config(cfg: DictConfig) -> Limits:
     port = cfg.server_port
     if port is not None and not (isinstance(port, int) and 0 < port < 65536):
         raise UserError("server_port", f"must be a TCP port (1-65535) or null, got {port}")
+    if port is not None:
+        check_port_free(cfg.server_name, port)
     return limits
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before the model loads, not after, when another server already holds the port."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise UserError("server_port", f"cannot listen on {host}:{port} ({error.strerror}); "
+                                           f"stop the other server or pick another port (null = first free)") from None
 
 
 def persona_name(system_prompt: str, title: str | None = None) -> str:
@@ -147,33 +159,30 @@ def plain_history(history: Sequence | None) -> list[dict[str, str]]:
     return messages
 
 
-class _CancellableStreamer:
-    """A transformers streamer that forwards clean text deltas and aborts generate() when asked.
+def _page_streamer(tokenizer, out: queue.Queue, stop: threading.Event):
+    """A transformers streamer that puts clean text deltas on `out` and aborts generate() on `stop`.
 
-    `generate()` calls `put` once per new token batch; raising there is the only way to stop a
-    running generation early, which frees the model for the next user when a reply is stopped.
+    generate() calls `put` once per new token; raising there is the only way to end a running
+    generation early, which frees the model for the next visitor as soon as a reply is abandoned.
     """
+    from transformers import TextStreamer
 
-    def __init__(self, tokenizer, out: queue.Queue, stop: threading.Event):
-        from transformers import TextStreamer
+    from lyra.chat import ThinkFilter
 
-        from lyra.chat import ThinkFilter
+    think = ThinkFilter()
 
-        outer = self
+    class PageStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            delta = think.feed(text)
+            if delta:
+                out.put(delta)
 
-        class _Streamer(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                delta = outer.think.feed(text)
-                if delta:
-                    out.put(delta)
+        def put(self, value) -> None:
+            if stop.is_set():
+                raise _Stopped
+            super().put(value)
 
-            def put(self, value) -> None:
-                if stop.is_set():
-                    raise _Stopped
-                super().put(value)
-
-        self.think = ThinkFilter()
-        self.streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return PageStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 class _Stopped(Exception):
@@ -249,14 +258,14 @@ class WebChat:
                 "the message was cut" if fitted.cut else f"the oldest {fitted.dropped_messages} messages are left out"))
         deltas: queue.Queue = queue.Queue()
         stop = threading.Event()
-        streamer = _CancellableStreamer(tokenizer, deltas, stop)
+        streamer = _page_streamer(tokenizer, deltas, stop)
 
         def work() -> None:
             try:
                 with self.lock, self._adapter(adapter):
                     if not stop.is_set():
                         deltas.put(_Final(generate_response(fitted.prompt_text, model, tokenizer, fitted.history,
-                                                            system_prompt, streamer=streamer.streamer,
+                                                            system_prompt, streamer=streamer,
                                                             max_prompt_tokens=budget, **settings)))
             except _Stopped:
                 pass

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, compose
@@ -61,6 +60,18 @@ def test_bad_config_is_one_line_before_loading(override, line, tmp_path):
     assert str(error.value) == line
 
 
+def test_busy_port_is_one_line_before_loading(tmp_path):
+    from lyra.errors import UserError
+    from lyra.web import check_web_config
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(UserError, match=rf"^server_port: cannot listen on 127.0.0.1:{port} \(Address already in use\)"):
+            check_web_config(web_cfg(tmp_path, f"server_port={port}"))
+
+
 def test_persona_name_and_gradio_messages():
     from lyra.web import EMPTY_REPLY, persona_name, plain_history
 
@@ -95,17 +106,18 @@ def test_stream_is_the_chat_reply_and_adapter_off_is_the_base(web_chat):
 
     run = web_chat.run
     history = [{"role": "user", "content": "你是誰？"}, {"role": "assistant", "content": "我是萊拉。"}]
-    steps = list(web_chat.stream("今天天氣如何？", history))
-    expected = generate_response("今天天氣如何？", run.model, run.tokenizer, history, run.system_prompt, **GREEDY)
+    question = "今天天氣如何？"
+    steps = list(web_chat.stream(question, history))
+    expected = generate_response(question, run.model, run.tokenizer, history, run.system_prompt, **GREEDY)
     assert steps[-1] == expected and expected
     assert all(later.startswith(earlier) for earlier, later in zip(steps, steps[1:]))  # it grows, never rewrites
     assert not any(tag in step for step in steps for tag in THINK_TAGS)
 
     with run.model.disable_adapter():
-        base_reply = generate_response("今天天氣如何？", run.model, run.tokenizer, history, run.system_prompt, **GREEDY)
-    assert web_chat.reply("今天天氣如何？", history, adapter=False) == base_reply
+        base_reply = generate_response(question, run.model, run.tokenizer, history, run.system_prompt, **GREEDY)
+    assert web_chat.reply(question, history, adapter=False) == base_reply
     assert base_reply != expected  # the comparison shows something: the adapter changes the reply
-    assert web_chat.reply("今天天氣如何？", history) == expected  # the adapter is back on afterwards
+    assert web_chat.reply(question, history) == expected  # the adapter is back on afterwards
 
 
 def test_concurrent_adapter_on_and_off_do_not_mix(web_chat):
@@ -208,9 +220,9 @@ def test_api_replies_streams_and_serves_three_at_once(web_server):
     assert not any(tag in reply for tag in THINK_TAGS)
 
     history = [{"role": "user", "content": "你好，萊拉！"}, {"role": "assistant", "content": reply}]
-    jobs = [Client(web_server, verbose=False).submit(message, history, None, None, None, adapter,
-                                                     api_name="/chat")
-            for message, adapter in (("我今天有點累", True), ("推薦一本書", True), ("我今天有點累", False))]
+    asks = [("我今天有點累", True), ("推薦一本書", True), ("我今天有點累", False)]  # 3 visitors at once
+    jobs = [Client(web_server, verbose=False).submit(message, history, None, None, None, adapter, api_name="/chat")
+            for message, adapter in asks]
     replies = [job.result(timeout=180) for job in jobs]
     assert all(isinstance(r, str) and r and not any(tag in r for tag in THINK_TAGS) for r in replies)
     assert replies[0] != replies[2]  # greedy, same message: adapter on vs. off differ
