@@ -89,7 +89,7 @@ def record_failure(job_dir: Path, error: BaseException, overrides: list[str]) ->
         "status": "failed",
         "error_type": type(error).__name__,
         "error": str(error),
-        "key": getattr(error, "key", None),
+        "key": error.key if isinstance(error, UserError) else None,  # other errors' .key (omegaconf) is no config key
         "overrides": overrides,
         "traceback": "".join(traceback.format_exception(error)),
     }
@@ -127,9 +127,8 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> f
         prefix = "lyra: error: " if isinstance(error, UserError) else f"lyra: job failed: {type(error).__name__}: "
         print(f"{prefix}{error} [{job_dir / FAILED_FILE}]", file=sys.stderr, flush=True)
         log.error("job failed (%s: %s); the sweep goes on", type(error).__name__, error)
-        del error
-        _release_memory()
-        return worst_value(cfg.objective.direction)
+    _release_memory()  # outside `except`: the traceback, and the model held by its frames, are gone
+    return worst_value(cfg.objective.direction)
 
 
 def swept_keys(config: DictConfig) -> list[str]:

@@ -241,3 +241,31 @@ def test_presets_compose_with_their_documented_values():
     assert (launcher.partition, launcher.timeout_min, launcher.mem_gb, launcher.gpus_per_node) == ("gpu", 30, 16, 2)
     assert launcher.cpus_per_task == 8 and launcher.tasks_per_node == 1
     assert slurm.hydra.callbacks.sweep_summary._target_ == "lyra.sweep.SweepSummary"
+
+
+def test_a_crashing_multirun_job_is_recorded_and_scores_the_worst_value(tmp_path, capsys):
+    """The path an out-of-memory job takes, in-process: failed.json, one stderr line, -inf/inf."""
+    from conftest import compose
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from lyra.sweep import run_job
+
+    cfg = compose(["experiment=smoke", "lora.r=64", "objective.direction=maximize"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = "MULTIRUN"
+        cfg.hydra.runtime.output_dir = str(tmp_path / "3")
+        cfg.hydra.overrides.task = ["experiment=smoke", "lora.r=64"]
+    HydraConfig.instance().set_config(cfg)
+    try:
+        def out_of_memory(_cfg):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        assert run_job(cfg, out_of_memory) == -math.inf
+    finally:
+        HydraConfig.instance().cfg = None
+    failed = json.loads((tmp_path / "3" / "failed.json").read_text())
+    assert (failed["error_type"], failed["key"], failed["overrides"]) == ("RuntimeError", None, ["experiment=smoke", "lora.r=64"])
+    assert "in out_of_memory" in failed["traceback"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"lyra: job failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB [{tmp_path / '3' / 'failed.json'}]"]
