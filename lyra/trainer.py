@@ -143,9 +143,13 @@ def build_collator(tokenizer, model, padding_free: bool):
 
 
 def build_trainer(model, args, tokenizer, train_dataset, eval_dataset, padding_free: bool,
-                  callbacks: list[Any] | None = None) -> SupervisedLogitsTrainer:
-    """lyra's default Trainer: supervised-only logits + dynamic padding (or padding-free packing)."""
-    return SupervisedLogitsTrainer(
+                  callbacks: list[Any] | None = None,
+                  trainer_cls: type[SupervisedLogitsTrainer] = SupervisedLogitsTrainer) -> SupervisedLogitsTrainer:
+    """lyra's default Trainer: supervised-only logits + dynamic padding (or padding-free packing).
+
+    `trainer_cls` lets instrumented subclasses (scripts/bench_train.py) run the identical pipeline.
+    """
+    return trainer_cls(
         model=model,
         args=args,
         train_dataset=train_dataset,

@@ -1,0 +1,196 @@
+"""lyra.trainer: the supervised-only loss is the standard masked loss (also across gradient
+accumulation and in eval), and the collators pad, group and flatten as promised."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import compose
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from lyra.errors import UserError
+from lyra.trainer import IGNORE_INDEX, build_collator, build_trainer, shifted_targets
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tiny 4-bit Qwen3 + LoRA (no dropout, non-zero B so every LoRA weight gets a gradient) + data."""
+    from lyra.data import build_datasets
+    from lyra.modeling import apply_lora, build_model, build_quantization, build_tokenizer, resolve_dtype
+
+    cfg = compose(["experiment=smoke", "logger=none", f"paths.output_dir={tmp_path_factory.mktemp('t')}",
+                   "lora.lora_dropout=0"])
+    tokenizer = build_tokenizer(cfg.model)
+    splits = build_datasets(cfg.data, tokenizer)
+    dtype = resolve_dtype(cfg.model.dtype)
+    model = apply_lora(build_model(cfg.model, build_quantization(cfg.quantization, dtype), dtype), cfg.lora)
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    return cfg, tokenizer, splits, model
+
+
+EVAL_EXAMPLES = 4
+
+
+def make_trainers(setup, tmp_path, **arg_overrides):
+    cfg, tokenizer, splits, model = setup
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=2,
+                             per_device_eval_batch_size=2, gradient_accumulation_steps=2, **arg_overrides)
+    eval_subset = splits.eval.select(range(EVAL_EXAMPLES))  # keeps eval to 2 batches
+    lyra = build_trainer(model, args, tokenizer, splits.train, eval_subset, padding_free=False)
+    stock = Trainer(model=model, args=args, train_dataset=splits.train, eval_dataset=eval_subset,
+                    data_collator=lyra.data_collator, processing_class=tokenizer)
+    return lyra, stock
+
+
+class HeadRows:
+    """Counts the rows the LM head produces logits for."""
+
+    def __init__(self, model):
+        self.rows: list[int] = []
+        self.handle = model.get_output_embeddings().register_forward_hook(
+            lambda _m, _i, out: self.rows.append(out.shape[:-1].numel()))
+
+
+def full_logits_ce_sums(model, batches) -> list[float]:
+    """The textbook objective's pieces: summed CE over each micro-batch's supervised next tokens."""
+    sums = []
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            sums.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), shifted_targets(batch["labels"]).flatten(),
+                                                          ignore_index=IGNORE_INDEX, reduction="sum").item())
+    return sums
+
+
+def accumulate(trainer, model, batches):
+    """One optimizer step's worth of training_step calls: (per-micro-batch losses, LoRA grads)."""
+    model.zero_grad(set_to_none=True)
+    num_items = trainer._get_num_items_in_batch(batches, torch.device("cpu"))
+    losses = [trainer.training_step(model, dict(batch), num_items).item() for batch in batches]
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return losses, grads
+
+
+def test_supervised_loss_equals_full_logits_loss_across_gradient_accumulation(setup, tmp_path):
+    cfg, tokenizer, splits, model = setup
+    lyra, stock = make_trainers(setup, tmp_path)
+    # among the 12 shortest examples (fast), the two shortest and the two longest replies: a mean of
+    # per-batch means would differ from the token mean
+    short = sorted(range(len(splits.train)), key=lambda i: len(splits.train[i]["input_ids"]))[:12]
+    by_reply = sorted(short, key=lambda i: sum(label != IGNORE_INDEX for label in splits.train[i]["labels"]))
+    batches = [lyra.data_collator([splits.train[i] for i in by_reply[:2]]),
+               lyra.data_collator([splits.train[i] for i in by_reply[-2:]])]
+    counts = [int((shifted_targets(b["labels"]) != IGNORE_INDEX).sum()) for b in batches]
+    assert abs(counts[0] - counts[1]) >= 0.2 * max(counts)
+
+    head = HeadRows(model)
+    lyra_losses, lyra_grads = accumulate(lyra, model, batches)
+    head.handle.remove()
+    stock_losses, stock_grads = accumulate(stock, model, batches)
+
+    assert head.rows == counts  # logits only at supervised positions, never batch x seq
+    assert len(lyra_grads) == 8 and all(g.abs().sum() > 0 for g in lyra_grads.values())  # q/v A and B, 2 layers
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(lyra_grads[name], grad, rtol=1e-5, atol=1e-7)
+    assert lyra_losses == pytest.approx(stock_losses, abs=1e-5)
+    # each micro-batch contributes its CE sum over ALL supervised tokens of the step (mean of the
+    # accumulated batch), not its own mean / accumulation steps
+    sums = full_logits_ce_sums(model, batches)
+    assert lyra_losses == pytest.approx([total / sum(counts) for total in sums], abs=1e-5)
+    assert lyra_losses[0] != pytest.approx(sums[0] / counts[0] / 2, abs=0.1)
+
+
+def test_eval_loss_uses_supervised_logits_and_matches_stock(setup, tmp_path):
+    cfg, tokenizer, splits, model = setup
+    lyra, stock = make_trainers(setup, tmp_path)
+    head = HeadRows(model)
+    lyra_eval = lyra.evaluate()["eval_loss"]
+    head.handle.remove()
+    stock_eval = stock.evaluate()["eval_loss"]
+    assert lyra_eval == pytest.approx(stock_eval, abs=1e-5)
+    supervised = sum(int((shifted_targets(torch.tensor(e["labels"])) != IGNORE_INDEX).sum())
+                     for e in splits.eval.select(range(EVAL_EXAMPLES)))
+    assert sum(head.rows) == supervised
+
+
+def test_full_logits_when_predictions_are_requested(setup, tmp_path):
+    cfg, tokenizer, splits, model = setup
+    lyra, _ = make_trainers(setup, tmp_path)
+    batch = lyra.data_collator([splits.eval[0]])
+    loss, logits, labels = lyra.prediction_step(model, batch, prediction_loss_only=False)
+    assert logits.shape == (1, batch["input_ids"].shape[1], model.config.vocab_size)
+    loss_only, no_logits, _ = lyra.prediction_step(model, batch, prediction_loss_only=True)
+    assert no_logits is None and loss_only.item() == pytest.approx(loss.item(), abs=1e-5)
+
+
+def test_flattened_batch_gives_the_padded_loss(setup, tmp_path):
+    """Padding-free packing: restarting position ids keep samples apart, boundaries are unsupervised."""
+    cfg, tokenizer, splits, model = setup
+    lyra, _ = make_trainers(setup, tmp_path)
+    examples = [splits.train[i] for i in (0, 5, 9)]
+    padded = lyra.data_collator(examples)
+    flat = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)(examples)
+    assert flat["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
+    model.eval()
+    with torch.no_grad():
+        padded_loss = lyra.compute_loss(model, padded).item()
+        flat_loss = lyra.compute_loss(model, flat).item()
+    model.train()
+    assert flat_loss == pytest.approx(padded_loss, abs=1e-5)
+
+
+def test_padding_free_falls_back_without_varlen_attention(setup, caplog):
+    cfg, tokenizer, splits, model = setup
+    with caplog.at_level(logging.WARNING, logger="lyra.trainer"):
+        collator = build_collator(tokenizer, model, padding_free=True)
+    assert isinstance(collator, DataCollatorForSeq2Seq)
+    assert ("data.padding_free=true is not available: attention 'sdpa' has no variable-length kernel "
+            "(needs model.attn_implementation=flash_attention_2 and the flash-attn package on a GPU); "
+            "falling back to dynamic padding") in caplog.text
+
+
+def test_padding_free_flattens_with_flash_attention(setup, monkeypatch):
+    cfg, tokenizer, splits, model = setup
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2", raising=False)
+    assert isinstance(build_collator(tokenizer, model, padding_free=True), DataCollatorWithFlattening)
+    with pytest.raises(UserError, match="data.padding_free: must be true or false, got 'yes'"):
+        build_collator(tokenizer, model, padding_free="yes")
+
+
+def test_dynamic_padding_to_longest_and_multiple_of_8_on_gpu(setup, monkeypatch):
+    cfg, tokenizer, splits, model = setup
+    examples = [splits.train[i] for i in (0, 5)]
+    lengths = [len(e["input_ids"]) for e in examples]
+    batch = build_collator(tokenizer, model, padding_free=False)(examples)
+    assert batch["input_ids"].shape == (2, max(lengths))
+    short = lengths.index(min(lengths))
+    assert batch["input_ids"][short, min(lengths):].eq(tokenizer.pad_token_id).all()
+    assert batch["labels"][short, min(lengths):].eq(IGNORE_INDEX).all()
+    assert batch["attention_mask"].sum().item() == sum(lengths)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu_batch = build_collator(tokenizer, model, padding_free=False)(examples)
+    assert gpu_batch["input_ids"].shape[1] == -(-max(lengths) // 8) * 8 > max(lengths) - 8
+
+
+def test_default_config_groups_batches_by_length(setup, tmp_path):
+    """trainer.train_sampling_strategy=group_by_length: fewer pad tokens than a random order."""
+    cfg, tokenizer, splits, model = setup
+    default = compose(["logger=none", f"paths.output_dir={tmp_path}"])
+    assert default.trainer.train_sampling_strategy == "group_by_length"
+    lyra, _ = make_trainers(setup, tmp_path, train_sampling_strategy="group_by_length")
+    sampler = lyra._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler)
+
+    def pad_tokens(order):
+        lengths = [len(splits.train[i]["input_ids"]) for i in order]
+        batches = [lengths[i:i + 4] for i in range(0, len(lengths), 4)]
+        return sum(max(b) * len(b) - sum(b) for b in batches)
+
+    assert pad_tokens(list(sampler)) < pad_tokens(torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0)).tolist())
