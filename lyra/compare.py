@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -182,8 +182,9 @@ class SweepSummary(Callback):
             print(f"best: none (no job reported {metric})")
         print(f"saved: {sweep_dir / SUMMARY_FILE}", flush=True)
         if linked:
-            print(f"W&B: {linked} runs linked in {sweep_dir / 'wandb'}: browse with `wandb leet {sweep_dir / 'wandb'}`, "
-                  f"upload with `wandb sync {sweep_dir / 'wandb'}/offline-run-*` (offline runs)", flush=True)
+            hub = sweep_dir / "wandb"
+            print(f"W&B: {linked} runs linked in {hub}: browse with `wandb leet {hub}`, "
+                  f"upload offline runs with `wandb sync {hub}/offline-run-*`", flush=True)
 
 
 def link_wandb_runs(sweep_dir: Path, job_dirs: list[Path]) -> int:

@@ -69,7 +69,8 @@ def test_grid_sweep_survives_a_failed_job_and_writes_a_summary(grid_sweep):
     assert "lora.r=0" in failed["overrides"]
     assert not (sweep / "2" / "adapter").exists()
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("lyra: error:")]
-    assert error_lines == [f"lyra: error: lora.r: must be an integer > 0, got 0 [{(sweep / '2').resolve()}/failed.json]"]
+    failed_file = (sweep / "2").resolve() / "failed.json"
+    assert error_lines == [f"lyra: error: lora.r: must be an integer > 0, got 0 [{failed_file}]"]
 
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     losses = {job: json.loads((sweep / job / "metrics.json").read_text())["eval_loss"] for job in ("0", "1")}
@@ -111,7 +112,8 @@ def test_grid_sweep_wandb_runs_share_a_group_and_carry_swept_values(grid_sweep):
         assert run["summary"]["status"] == "completed"
         (artifact,) = [a for a in run["artifacts"] if a["type"] == "model"]  # eval tables come as run_table
         assert artifact["type"] == "model"
-        assert {"adapter_model.safetensors", "adapter_config.json"} <= {e["path"] for e in artifact["manifest"]["contents"]}
+        uploaded = {entry["path"] for entry in artifact["manifest"]["contents"]}
+        assert {"adapter_model.safetensors", "adapter_config.json"} <= uploaded
 
 
 @pytest.mark.slow
@@ -265,7 +267,9 @@ def test_a_crashing_multirun_job_is_recorded_and_scores_the_worst_value(tmp_path
     finally:
         HydraConfig.instance().cfg = None
     failed = json.loads((tmp_path / "3" / "failed.json").read_text())
-    assert (failed["error_type"], failed["key"], failed["overrides"]) == ("RuntimeError", None, ["experiment=smoke", "lora.r=64"])
+    assert (failed["error_type"], failed["key"]) == ("RuntimeError", None)
+    assert failed["overrides"] == ["experiment=smoke", "lora.r=64"]
     assert "in out_of_memory" in failed["traceback"]
+    message = "CUDA out of memory. Tried to allocate 2.00 GiB"
     assert capsys.readouterr().err.splitlines() == [
-        f"lyra: job failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB [{tmp_path / '3' / 'failed.json'}]"]
+        f"lyra: job failed: RuntimeError: {message} [{tmp_path / '3' / 'failed.json'}]"]
