@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, compose
@@ -88,14 +90,72 @@ def test_persona_name_and_gradio_messages():
                                       {"role": "assistant", "content": ""}]  # the placeholder is not her words
 
 
-# ---------------------------------------------------------------- the shared model, in process
+# ---------------------------------------------------------------- a server subprocess, and the model in process
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str
+    log: Path
+
 
 @pytest.fixture(scope="module")
-def web_chat(smoke_run):
+def server_process(smoke_run, tmp_path_factory):
+    """`python -m lyra.web` on a free port, from an empty cwd. It boots while the in-process tests
+    run (web_chat asks for it first), so its ~10 s of imports and loading overlap theirs."""
+    cwd = tmp_path_factory.mktemp("web-cwd")
+    port = free_port()
+    log_path = cwd.parent / "web-server.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lyra.web", f"run_dir={smoke_run}", f"server_port={port}",
+             *(f"generation.{key}={value}" for key, value in GREEDY.items())],
+            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield Server(process, f"http://127.0.0.1:{port}/", log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert list(cwd.iterdir()) == []  # Hydra and Gradio wrote nothing into the launch dir
+
+
+@pytest.fixture(scope="module")
+def web_server(server_process) -> str:
+    """The server's URL, once it answers."""
+    import urllib.request
+
+    deadline = time.monotonic() + 180
+    while True:
+        if server_process.process.poll() is not None:
+            pytest.fail(f"lyra.web exited with {server_process.process.returncode}:\n{server_process.log.read_text()}")
+        try:
+            with urllib.request.urlopen(server_process.url, timeout=2) as response:
+                if response.status == 200:
+                    return server_process.url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"lyra.web did not serve {server_process.url} within 180 s:\n{server_process.log.read_text()}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def web_chat(smoke_run, server_process):
     from lyra.runs import load_run
     from lyra.web import WebChat, check_web_config
 
-    cfg = web_cfg(smoke_run)
+    cfg = web_cfg(smoke_run, "server_port=null")
     run = load_run(smoke_run, adapter="adapter", device="cpu")
     return WebChat(run, GREEDY, check_web_config(cfg))
 
@@ -160,53 +220,7 @@ def test_bounds_are_enforced_server_side(web_chat):
         next(web_chat.stream("   "))
 
 
-# ---------------------------------------------------------------- a real server
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def web_server(smoke_run, tmp_path_factory):
-    """`python -m lyra.web` on a free port, started from an empty cwd; yields its URL."""
-    import urllib.request
-
-    cwd = tmp_path_factory.mktemp("web-cwd")
-    port = free_port()
-    log_path = cwd.parent / "web-server.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "lyra.web", f"run_dir={smoke_run}", f"server_port={port}",
-             *(f"generation.{key}={value}" for key, value in GREEDY.items())],
-            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"lyra.web exited with {server.returncode}:\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"lyra.web did not serve {url} within 180 s:\n{log_path.read_text()}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    assert list(cwd.iterdir()) == []  # Hydra and Gradio wrote nothing into the launch dir
-
+# ---------------------------------------------------------------- the server's API
 
 def test_api_replies_streams_and_serves_three_at_once(web_server):
     from gradio_client import Client
