@@ -227,6 +227,8 @@ def make_checkpoints_atomic(trainer) -> None:
             save_checkpoint(model, trial)
         finally:
             saving.active = False
+        if getattr(trainer.args, "world_size", 1) > 1:
+            trainer.accelerator.wait_for_everyone()  # every rank's rng_state_<rank>.pth is in before the rename
         if trainer.args.should_save:
             _publish(staging_root / name, root / name)
             if trainer.state.best_model_checkpoint and Path(trainer.state.best_model_checkpoint).parent == staging_root:

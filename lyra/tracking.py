@@ -112,7 +112,7 @@ def start_run(cfg: DictConfig, run_dir: Path, job_type: str = "train"):
         dir=str(run_dir),
         mode=mode,
         group=group,
-        name=name,
+        name=scrub(name),  # overrides read back from Hydra come with ${oc.env:...} resolved
         job_type=job_type,
         tags=run_tags(cfg),
         config=scrub(OmegaConf.to_container(cfg, resolve=True)),  # env secrets masked (lyra.secrets)

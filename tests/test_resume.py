@@ -241,7 +241,7 @@ def _at_step(monkeypatch, step: int, action) -> None:
     monkeypatch.setattr(_StopOnSignal, "on_step_end", on_step_end)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_saves_the_adapter_as_interrupted_and_exits_nonzero(tmp_path, monkeypatch, signum):
     from lyra.train import train
 
