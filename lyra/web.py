@@ -21,7 +21,7 @@ Programmatic use, from any machine that reaches the server:
     Client("http://127.0.0.1:7860/").predict("你好", [], api_name="/chat")   # -> reply text
 
 Gradio never phones home from here: analytics and its version check are off, `share` is false by
-default, and the page uses no web fonts.
+default, and the page loads no fonts or scripts from the web.
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def check_web_config(cfg: DictConfig) -> Limits:
 def check_port_free(host: str, port: int) -> None:
     """Fail before the model loads, not after, when another server already holds the port."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
         try:
             probe.bind((host, port))
         except OSError as error:
@@ -344,12 +345,17 @@ def build_page(chat: WebChat, title: str, gr):
                                         "Compare with the base model: this page was started with adapter=none")
         pending = gr.State("")
 
+        def input_enabled(enabled: bool, clear: bool = False):
+            """Input is locked while a reply streams: a second message would race the first one's panes."""
+            textbox_update = gr.Textbox(value="", interactive=enabled) if clear else gr.Textbox(interactive=enabled)
+            return textbox_update, gr.Button(interactive=enabled)
+
         def add_message(message: str, history: list, base_history: list, compare_on: bool):
             with shown_on_page(gr):
                 message = chat.check_message(message)
             turn = {"role": "user", "content": message}
             base_history = [*base_history, turn] if compare_on else base_history
-            return "", [*history, turn], base_history, message
+            return *input_enabled(False, clear=True), [*history, turn], base_history, message
 
         def respond(message: str, history: list, base_history: list, compare_on: bool,
                     temperature_value: float, top_p_value: float, max_new: float):
@@ -363,15 +369,19 @@ def build_page(chat: WebChat, title: str, gr):
                         pane[-1] = {"role": "assistant", "content": text or EMPTY_REPLY}
                         yield history, base_history
 
-        sent = [trigger(add_message, [textbox, lyra_chat, base_chat, compare], [textbox, lyra_chat, base_chat, pending],
-                        queue=False, api_visibility="private")
-                .success(respond, [pending, lyra_chat, base_chat, compare, temperature, top_p, max_new_tokens],
-                         [lyra_chat, base_chat], api_visibility="private", **model_events)
-                for trigger in (textbox.submit, send.click)]
-        stop.click(None, cancels=sent, queue=False, api_visibility="private")
-        reset.click(lambda: ([], [], ""), None, [lyra_chat, base_chat, textbox], cancels=sent, queue=False,
-                    api_visibility="private")
-        compare.change(lambda on: gr.Column(visible=on), compare, base_column, queue=False, api_visibility="private")
+        private = {"api_visibility": "private"}  # the page's own events; programs use /chat
+        sent = []
+        for trigger in (textbox.submit, send.click):
+            reply_event = trigger(add_message, [textbox, lyra_chat, base_chat, compare],
+                                  [textbox, send, lyra_chat, base_chat, pending], queue=False, **private).success(
+                respond, [pending, lyra_chat, base_chat, compare, temperature, top_p, max_new_tokens],
+                [lyra_chat, base_chat], **model_events, **private)
+            reply_event.then(lambda: input_enabled(True), None, [textbox, send], queue=False, **private)
+            sent.append(reply_event)
+        stop.click(lambda: input_enabled(True), None, [textbox, send], cancels=sent, queue=False, **private)
+        reset.click(lambda: ([], [], *input_enabled(True, clear=True)), None, [lyra_chat, base_chat, textbox, send],
+                    cancels=sent, queue=False, **private)
+        compare.change(lambda on: gr.Column(visible=on), compare, base_column, queue=False, **private)
 
         def chat_api(message: str, history: list[dict] | None = None, temperature: float | None = None,
                      top_p: float | None = None, max_new_tokens: int | None = None,

@@ -291,6 +291,7 @@ def test_browser_types_a_message_and_gets_streamed_replies(web_server, tmp_path)
             expect(bot.first).not_to_have_text("", timeout=60_000)
             expect(page.locator("#lyra-chat [data-testid='user']")).to_have_text("你好，萊拉！")
             expect(page.locator("#lyra-input textarea")).to_have_value("")
+            expect(page.locator("#lyra-input textarea")).to_be_editable()  # unlocked once the reply is done
 
             # the adapter-off comparison: a second pane answers the same message with the base model
             expect(page.locator("#lyra-base-chat")).to_be_hidden()
