@@ -1,0 +1,92 @@
+"""lyra.export: the merged model loads without peft and computes what base + adapter computed.
+
+One extra tiny training run with `quantization=none` (the smoke run is 4-bit, whose merge into the
+unquantized base is deliberately not logit-identical). The same run checks that training-time
+persona probes land in trainer_state.json and metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import compose, smoke_overrides
+from lyra.chat import build_prompt_ids
+from lyra.errors import UserError
+from lyra.evaluate import PERSONA_METRICS
+from lyra.export import export
+
+# fp32 on CPU: merging reorders W x + s B A x into (W + s B A) x, a few ulps of difference
+LOGIT_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """4 steps on a full-precision base, a high learning rate so the adapter visibly changes logits."""
+    from lyra.train import train
+
+    run_dir = tmp_path_factory.mktemp("plain-run")
+    train(compose(smoke_overrides(run_dir, "quantization=none", "trainer.max_steps=4", "trainer.eval_steps=4",
+                                  "trainer.save_steps=4", "trainer.learning_rate=0.05", "eval.probes_every=1")))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def merged(plain_run, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("export") / "lyra-merged"
+    export(compose([f"run_dir={plain_run}", f"output_dir={output_dir}"], config_name="export"))
+    return output_dir
+
+
+def test_training_probes_are_logged_at_evaluation_and_in_metrics(plain_run):
+    history = json.loads((plain_run / "trainer_state.json").read_text())["log_history"]
+    probes = [entry for entry in history if "probe/eos_rate" in entry]
+    assert [entry["step"] for entry in probes] == [4]  # at the step-4 evaluation, not again at the end
+    metrics = json.loads((plain_run / "metrics.json").read_text())
+    assert all(0 <= metrics[key] <= 1 for key in PERSONA_METRICS if key != "avg_reply_chars")
+    assert metrics["eos_rate"] == probes[0]["probe/eos_rate"]
+
+
+def test_merged_model_loads_without_peft_and_matches_base_plus_adapter(plain_run, merged):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lyra.runs import load_run
+
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert not isinstance(model, PeftModel) and not hasattr(model, "peft_config")
+    assert model.generation_config.eos_token_id == [151645, 151643] and model.config.use_cache is True
+
+    run = load_run(plain_run, device="cpu")
+    assert isinstance(run.model, PeftModel)
+    ids = torch.tensor([build_prompt_ids("我今天有點累", run.tokenizer, [("你好", "主人好")], run.system_prompt)])
+    with torch.inference_mode():
+        unmerged = run.model(input_ids=ids).logits
+        standalone = model(input_ids=ids).logits
+        with run.model.disable_adapter():
+            base = run.model(input_ids=ids).logits
+    assert (unmerged - standalone).abs().max() < LOGIT_ATOL
+    assert (unmerged - base).abs().max() > 100 * LOGIT_ATOL  # the adapter matters, so equality means something
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)  # the run's system prompt is in the chat template
+    plain = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=True, return_dict=True,
+                                          add_generation_prompt=True, enable_thinking=False)["input_ids"]
+    assert list(plain) == build_prompt_ids("你好", run.tokenizer, system_prompt=run.system_prompt)
+    own = [{"role": "system", "content": "別的角色"}, {"role": "user", "content": "你好"}]
+    assert "萊拉" not in tokenizer.apply_chat_template(own, tokenize=False, add_generation_prompt=True)
+    provenance = json.loads((merged / "lyra_export.json").read_text())
+    assert provenance["run_dir"] == str(plain_run) and provenance["dtype"] == "float32"
+
+
+def test_export_refuses_to_overwrite_or_to_merge_nothing(plain_run, merged):
+    cases = [([f"output_dir={merged}"], f"output_dir: {merged} is not empty; choose another or pass overwrite=true"),
+             ([f"output_dir={plain_run}"], f"output_dir: {plain_run} would overwrite the training run; choose a new directory"),
+             ([f"output_dir={merged.parent / 'other'}", "adapter=none"],
+              "adapter: export merges an adapter; adapter=none would only copy the base model")]
+    for overrides, message in cases:
+        with pytest.raises(UserError) as error:
+            export(compose([f"run_dir={plain_run}", *overrides], config_name="export"))
+        assert str(error.value) == message
