@@ -47,7 +47,8 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 def test_sigkilled_run_rerun_with_same_command_ends_with_the_same_adapter(tmp_path):
     from lyra.train import train
 
-    steps = ["trainer.max_steps=15", "trainer.save_steps=3", "trainer.save_total_limit=2"]
+    steps = ["trainer.max_steps=15", "trainer.save_steps=3", "trainer.save_total_limit=2",
+             "trainer.per_device_train_batch_size=1"]
     reference_dir = tmp_path / "uninterrupted"
     train(compose([*FAST, *steps, f"paths.output_dir={reference_dir}"]))
 

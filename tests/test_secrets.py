@@ -125,3 +125,37 @@ def test_planted_secrets_never_reach_the_run_dir_and_nothing_is_written_outside_
     assert [path for path in files_under(home) if not path.is_relative_to(wandb_service_logs)] == []
     for path in files_under(home):
         assert not any(value.encode() in path.read_bytes() for value in PLANTED.values()), path
+
+
+def test_weights_are_saved_and_loaded_as_safetensors_only(smoke_run, tmp_path):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from lyra.modeling import build_model
+
+    for directory in [smoke_run / "adapter", *(smoke_run / "checkpoints").iterdir()]:
+        assert [p.name for p in directory.glob("adapter_model.*")] == ["adapter_model.safetensors"], directory
+    # A base model that only ships pickled weights is refused rather than unpickled.
+    pickled = tmp_path / "pickled"
+    config = Qwen3Config(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    config.save_pretrained(pickled)
+    torch.save(Qwen3ForCausalLM(config).state_dict(), pickled / "pytorch_model.bin")
+    model_cfg = OmegaConf.create({"name_or_path": str(pickled), "trust_remote_code": False,
+                                  "attn_implementation": "sdpa", "build": None})
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        build_model(model_cfg, None, torch.float32, device="cpu")
+
+
+def test_trust_remote_code_is_off_by_default_and_logged_when_on(caplog):
+    import torch
+
+    from conftest import compose
+    from lyra.modeling import build_model
+
+    for model in ("qwen3_0_6b", "tiny_qwen3"):
+        assert compose([f"model={model}"]).model.trust_remote_code is False
+    model_cfg = compose(["experiment=smoke", "model.trust_remote_code=true"]).model
+    caplog.set_level("WARNING", logger="lyra.modeling")
+    build_model(model_cfg, None, torch.float32, device="cpu")
+    assert f"model.trust_remote_code=true: code from {model_cfg.name_or_path} will run on this machine" in caplog.text

@@ -209,13 +209,3 @@ def test_cli_prints_one_line_and_exits_2_before_any_model_loads(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["lyra: error: lora.r: must be an integer > 0, got 0"]
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-@pytest.mark.slow
-def test_cli_refuses_resume_never_over_existing_checkpoints(tmp_path):
-    (tmp_path / "run" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
-    result = run_cli(tmp_path, "experiment=smoke", "logger=none", "resume=never")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f"lyra: error: resume: resume=never but {tmp_path / 'run'} already has checkpoints; "
-        "use resume=auto to continue or overwrite=true to start over"]
