@@ -118,6 +118,8 @@ def validate(cfg: DictConfig) -> None:
              f"must be > 0 when trainer.max_steps=-1, got {trainer.num_train_epochs}")
     _require(isinstance(data.max_length, int) and data.max_length >= 32, "data.max_length",
              f"must be an integer >= 32, got {data.max_length}")
+    _require(isinstance(data.get("padding_free", False), bool), "data.padding_free",
+             f"must be true or false, got {data.get('padding_free')!r}")
     _require(data.get("on_invalid") in ("error", "skip"), "data.on_invalid", f"must be error or skip, got {data.get('on_invalid')}")
     _check_file(cfg, "data.train_file")
     _check_file(cfg, "data.eval_file")

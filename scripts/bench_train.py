@@ -281,7 +281,8 @@ def run_generation(args) -> dict:
               "pad_token_id": tokenizer.pad_token_id}
     if args.variant == "static_compile":
         kwargs["cache_implementation"] = "static"
-        model.forward = torch.compile(model.forward, dynamic=False)
+        base = model.get_base_model()  # PeftModel.generate runs the base model's forward
+        base.forward = torch.compile(base.forward, dynamic=False)
     else:
         kwargs["use_cache"] = args.variant == "kv_cache"
 
@@ -379,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generate", action="store_true",
                         help="benchmark chat generation instead: no cache, KV cache, static cache + torch.compile")
     parser.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens generated per prompt")
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds per variant subprocess")
+    parser.add_argument("--timeout", type=int, default=1800,
+                        help="seconds per variant subprocess; a generation variant past it is reported unsupported")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:

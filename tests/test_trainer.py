@@ -194,3 +194,11 @@ def test_default_config_groups_batches_by_length(setup, tmp_path):
         return sum(max(b) * len(b) - sum(b) for b in batches)
 
     assert pad_tokens(list(sampler)) < pad_tokens(torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0)).tolist())
+
+
+def test_padding_free_must_be_a_bool_before_anything_heavy(tmp_path):
+    from lyra.config import validate
+
+    with pytest.raises(UserError) as error:
+        validate(compose(["experiment=smoke", "logger=none", f"paths.output_dir={tmp_path}", "data.padding_free=yes"]))
+    assert str(error.value) == "data.padding_free: must be true or false, got 'yes'"
