@@ -318,7 +318,7 @@ def guard_training(trainer, run_dir: Path, cfg: DictConfig) -> Iterator[None]:
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:  # signal handlers can only be installed there (e.g. not under a web UI thread)
         for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, on_signal)
+            previous[signum] = signal.signal(signum, on_signal) or signal.SIG_DFL  # None: set outside Python
     try:
         yield
     except BaseException as error:
