@@ -187,7 +187,7 @@ def _page_streamer(tokenizer, out: queue.Queue, stop: threading.Event):
 
 
 class _Stopped(Exception):
-    """The reader went away (Stop, Reset, closed tab): generation ends at the next token."""
+    """The reader went away (Stop, Reset): generation ends at the next token."""
 
 
 @dataclass
@@ -245,7 +245,7 @@ class WebChat:
         """Yield the clean reply so far, token by token; the last value is the whole reply.
 
         Generation runs in a worker thread that holds the model lock for the whole reply; closing
-        this generator (Stop, Reset, a closed tab) stops that worker at its next token.
+        this generator (Stop, Reset) stops that worker at its next token.
         """
         from lyra.chat import context_budget, fit_prompt, generate_response
 
@@ -269,7 +269,7 @@ class WebChat:
                                                             system_prompt, streamer=streamer,
                                                             max_prompt_tokens=budget, **settings)))
             except _Stopped:
-                pass
+                log.info("a reply was abandoned (Stop or Reset): generation stopped early")
             except BaseException as error:  # re-raised in the reader's thread
                 deltas.put(error)
             finally:

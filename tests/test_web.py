@@ -200,7 +200,7 @@ def test_closing_the_stream_stops_generation_and_frees_the_model(web_chat):
     try:
         stream = web_chat.stream("說一個很長的故事", temperature=0.8, max_new_tokens=1024)
         next(stream)
-        stream.close()  # what Gradio does on Stop, Reset or a closed tab
+        stream.close()  # what Gradio does on Stop or Reset
         assert web_chat.lock.acquire(timeout=30)
         web_chat.lock.release()
     finally:
