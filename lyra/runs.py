@@ -49,6 +49,9 @@ def configure_cli_logging(level: int = logging.INFO) -> None:
 
     The lyra apps run with Hydra's job logging off so they never write log files into the cwd.
     """
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations are not the user's concern
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lyra").setLevel(level)
     import transformers

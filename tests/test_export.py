@@ -36,7 +36,9 @@ def plain_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def merged(plain_run, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("export") / "lyra-merged"
-    export(compose([f"run_dir={plain_run}", f"output_dir={output_dir}"], config_name="export"))
+    # fp32 on CPU even where a GPU would pick bf16: the comparison below is exact to LOGIT_ATOL
+    export(compose([f"run_dir={plain_run}", f"output_dir={output_dir}", "dtype=float32", "device=cpu"],
+                   config_name="export"))
     return output_dir
 
 
