@@ -404,8 +404,11 @@ class ChatSession:
 
 
 def chat(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = None,
-         stderr: TextIO | None = None) -> None:
-    """Run the chat app for a composed conf/chat.yaml: one-shot with `prompt`, else interactive."""
+         stderr: TextIO | None = None, run=None) -> None:
+    """Run the chat app for a composed conf/chat.yaml: one-shot with `prompt`, else interactive.
+
+    run: an already loaded `LoadedRun` to talk to instead of loading cfg.run_dir (tests, notebooks).
+    """
     from lyra.runs import load_run, run_dir_path
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
@@ -415,7 +418,7 @@ def chat(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
     check_generation(OmegaConf.to_container(cfg.generation, resolve=True))
     if not (isinstance(cfg.max_prompt_tokens, int) and cfg.max_prompt_tokens >= 16):
         raise UserError("max_prompt_tokens", f"must be an integer >= 16, got {cfg.max_prompt_tokens}")
-    run = load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device)
+    run = run or load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device)
     session = ChatSession(run, cfg, stdin, stdout, stderr)
     if cfg.prompt is not None:
         session.reply(str(cfg.prompt), label="")

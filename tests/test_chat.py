@@ -205,7 +205,7 @@ def _chat_cfg(run_dir, *extra):
                    config_name="chat")
 
 
-def test_chat_session_multi_turn_reset_and_eof(smoke_run, monkeypatch):
+def test_chat_session_multi_turn_reset_and_eof(smoke_run, loaded, monkeypatch):
     from lyra import chat as chat_module
 
     seen = []
@@ -217,7 +217,7 @@ def test_chat_session_multi_turn_reset_and_eof(smoke_run, monkeypatch):
 
     monkeypatch.setattr(chat_module, "stream_response", spy)
     stdout, stderr = io.StringIO(), io.StringIO()
-    chat(_chat_cfg(smoke_run), stdin=io.StringIO("你好\n\n我今天有點累\n/reset\n晚安\n"), stdout=stdout, stderr=stderr)
+    chat(_chat_cfg(smoke_run), stdin=io.StringIO("你好\n\n我今天有點累\n/reset\n晚安\n"), stdout=stdout, stderr=stderr, run=loaded)
     out = stdout.getvalue()
     assert out.count("萊拉：") == 3 and out.count("您：") == 6  # 5 lines + the prompt shown at EOF
     assert "您：你好\n萊拉：" in out and "<think>" not in out
@@ -227,10 +227,22 @@ def test_chat_session_multi_turn_reset_and_eof(smoke_run, monkeypatch):
     assert "對話已重置" in stderr.getvalue()
 
 
-def test_chat_cuts_overlong_input_with_a_notice(smoke_run):
+def test_one_shot_prompt_prints_only_the_reply(smoke_run, loaded):
+    from lyra.chat import quote_text_overrides
+
+    argv = quote_text_overrides([f"run_dir={smoke_run}", "prompt=你好，主人！", "generation.temperature=1.0",
+                                 "generation.top_k=0", "generation.max_new_tokens=8"])  # as __main__ does
+    stdout = io.StringIO()
+    chat(compose(argv, config_name="chat"), stdin=io.StringIO("exit\n"), stdout=stdout, stderr=io.StringIO(), run=loaded)
+    out = stdout.getvalue()
+    assert out.endswith("\n") and out.count("\n") >= 1 and out.strip() and "萊拉：" not in out and "您：" not in out
+    assert "<think>" not in out
+
+
+def test_chat_cuts_overlong_input_with_a_notice(smoke_run, loaded):
     stdout, stderr = io.StringIO(), io.StringIO()
     chat(_chat_cfg(smoke_run, "max_prompt_tokens=120"), stdin=io.StringIO("很長的話" * 300 + "\nexit\n"),
-         stdout=stdout, stderr=stderr)
+         stdout=stdout, stderr=stderr, run=loaded)
     assert "輸入過長，已截斷" in stderr.getvalue() and stdout.getvalue().count("萊拉：") == 1
 
 
@@ -249,15 +261,6 @@ def test_cli_piped_stdin_two_replies_then_exit(smoke_run, tmp_path):
     assert result.stdout.count("萊拉：") == 2 and "還在嗎" not in result.stdout
     assert result.stdout.startswith("您：你好\n萊拉：") and "<think>" not in result.stdout
     assert list(tmp_path.iterdir()) == []  # no outputs/, .hydra/ or log file in the cwd
-
-
-@pytest.mark.slow
-def test_cli_one_shot_prompt(smoke_run, tmp_path):
-    result = _cli([f"run_dir={os.path.relpath(smoke_run, tmp_path)}", "prompt=你好", "generation.temperature=1.0",
-                   "generation.top_k=0", "generation.max_new_tokens=8"], tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.endswith("\n") and result.stdout.strip() and "萊拉：" not in result.stdout
-    assert "<think>" not in result.stdout and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("text", ["你好，主人！", "it's", "${oops}", "a=b c", "end\\", "123", "null", "'"])

@@ -24,12 +24,16 @@ LOGIT_ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory):
-    """4 steps on a full-precision base, a high learning rate so the adapter visibly changes logits."""
+    """2 steps on a full-precision base, a high learning rate so the adapter visibly changes logits."""
+    from lyra.data import corpus_file
     from lyra.train import train
 
     run_dir = tmp_path_factory.mktemp("plain-run")
-    train(compose(smoke_overrides(run_dir, "quantization=none", "trainer.max_steps=4", "trainer.eval_steps=4",
-                                  "trainer.save_steps=4", "trainer.learning_rate=0.05", "eval.probes_every=1")))
+    eval_file = tmp_path_factory.mktemp("plain-data") / "eval.jsonl"  # 2 conversations keep evaluation quick
+    eval_file.write_text("".join(corpus_file("eval").read_text(encoding="utf-8").splitlines(True)[:2]), encoding="utf-8")
+    train(compose(smoke_overrides(run_dir, "quantization=none", "trainer.max_steps=2", "trainer.eval_steps=2",
+                                  "trainer.save_steps=2", "trainer.learning_rate=0.05", "eval.probes_every=1",
+                                  f"data.eval_file={eval_file}")))
     return run_dir
 
 
@@ -45,7 +49,7 @@ def merged(plain_run, tmp_path_factory):
 def test_training_probes_are_logged_at_evaluation_and_in_metrics(plain_run):
     history = json.loads((plain_run / "trainer_state.json").read_text())["log_history"]
     probes = [entry for entry in history if "probe/eos_rate" in entry]
-    assert [entry["step"] for entry in probes] == [4]  # at the step-4 evaluation, not again at the end
+    assert [entry["step"] for entry in probes] == [2]  # at the step-2 evaluation, not again at the end
     metrics = json.loads((plain_run / "metrics.json").read_text())
     assert all(0 <= metrics[key] <= 1 for key in PERSONA_METRICS if key != "avg_reply_chars")
     assert metrics["eos_rate"] == probes[0]["probe/eos_rate"]
