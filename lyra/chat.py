@@ -246,17 +246,24 @@ def _model_device(model):
     return next(model.parameters()).device
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_token_id: int, device=None):
+    """(input_ids, attention_mask) with prompts right-aligned, so every row continues at the end."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return input_ids, attention_mask
+
+
 def generate_replies(prompts: Sequence[Sequence[int]], model, tokenizer, streamer=None, **generation) -> list[Reply]:
     """Generate for a batch of prompt token lists (left-padded together); one Reply each."""
     import torch
 
     config = generation_config(tokenizer, **generation)
     stops = set(config.eos_token_id)
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=_model_device(model))
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
-                                  device=input_ids.device)
+    input_ids, attention_mask = left_padded(prompts, tokenizer.pad_token_id, _model_device(model))
+    width = input_ids.shape[1]
     with torch.inference_mode():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                 streamer=streamer)

@@ -163,6 +163,25 @@ def test_generation_stops_at_either_end_token(loaded):
         assert "<|im_end|>" not in forced.raw and "<|endoftext|>" not in forced.raw
 
 
+def test_batched_generation_sees_each_prompt_as_if_alone(loaded):
+    from lyra.chat import left_padded
+
+    tokenizer = loaded.tokenizer
+    short = build_prompt_ids("你好", tokenizer, system_prompt=loaded.system_prompt)
+    long = build_prompt_ids("請介紹一下你自己，越詳細越好", tokenizer, system_prompt=loaded.system_prompt)
+    config = generation_config(tokenizer, do_sample=False, max_new_tokens=3)
+    config.return_dict_in_generate, config.output_logits = True, True
+
+    def step_logits(prompts):
+        input_ids, attention_mask = left_padded(prompts, tokenizer.pad_token_id)
+        return loaded.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config).logits
+
+    batched, alone = step_logits([short, long]), step_logits([short])
+    assert len(long) > len(short)  # so the short prompt really is padded in the batch
+    for step in range(3):
+        assert (batched[step][0] - alone[step][0]).abs().max() < 1e-4
+
+
 # ---------------------------------------------------------------- bad run dirs
 
 def _copy_run(smoke_run, target):
@@ -196,6 +215,16 @@ def test_bad_run_dirs_get_one_clear_line(smoke_run, tmp_path):
         assert str(error.value) == message.format(p=path)
     with pytest.raises(UserError, match=r"^adapter: no adapter directory .*checkpoint-8"):
         load_run(smoke_run, adapter="checkpoints/checkpoint-99")
+
+
+def test_adapter_none_loads_the_bare_base_with_the_runs_tokenizer(smoke_run):
+    from peft import PeftModel
+
+    from lyra.runs import load_run
+
+    base = load_run(smoke_run, adapter="none")
+    assert not isinstance(base.model, PeftModel) and base.adapter == "none"
+    assert base.system_prompt.startswith("你是萊拉") and base.tokenizer.pad_token_id == 151643
 
 
 # ---------------------------------------------------------------- the chat app, in-process
