@@ -4,7 +4,7 @@
     convert_txt_to_jsonl("chats.txt", "chats.jsonl")             # returns the number of conversations
     python -m lyra.data convert chats.txt chats.jsonl --label 主人=user
 
-The format (documented in docs/readme/data.md):
+The format (documented in the README, section Data):
 - Conversations are separated by one or more blank lines.
 - A message starts with a role label and `:` or the full-width `：`:
       system     system, 系統
