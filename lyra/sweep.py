@@ -35,6 +35,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lyra.errors import UserError
+from lyra.secrets import scrub
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def record_failure(job_dir: Path, error: BaseException, overrides: list[str]) ->
         "overrides": overrides,
         "traceback": "".join(traceback.format_exception(error)),
     }
+    record = scrub(record)  # overrides come back from Hydra with ${oc.env:...} resolved
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / FAILED_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return record

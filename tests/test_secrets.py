@@ -79,6 +79,17 @@ def test_hydra_records_of_shell_expanded_overrides_are_masked(planted, tmp_path)
     assert (tmp_path / "overrides.yaml").read_text() == f"- +hub.token={MASK}\n- lora.r=8\n"
 
 
+def test_a_failed_sweep_jobs_record_masks_secrets(planted, tmp_path):
+    from lyra.errors import UserError
+    from lyra.sweep import FAILED_FILE, record_failure
+
+    error = UserError("data.train_file", f"file not found: /data/{planted['HF_TOKEN']}.jsonl")
+    record_failure(tmp_path, error, [f"+hub.token={planted['HF_TOKEN']}", "lora.r=8"])
+    written = (tmp_path / FAILED_FILE).read_text()
+    assert planted["HF_TOKEN"] not in written
+    assert f"+hub.token={MASK}" in written and "lora.r=8" in written and '"key": "data.train_file"' in written
+
+
 def test_weights_are_saved_and_loaded_as_safetensors_only(smoke_run, tmp_path):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
