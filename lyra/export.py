@@ -90,7 +90,7 @@ def export(cfg: DictConfig) -> Path:
 
     for key in ("run_dir", "output_dir"):
         if OmegaConf.is_missing(cfg, key):
-            raise UserError(key, f"is required: python -m lyra.export run_dir=<training output dir> output_dir=<new dir>")
+            raise UserError(key, "is required: python -m lyra.export run_dir=<training output dir> output_dir=<new dir>")
     generation: dict[str, Any] = OmegaConf.to_container(cfg.generation, resolve=True)
     check_generation(generation)
     dtype = export_dtype(cfg.dtype)

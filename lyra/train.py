@@ -25,13 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from lyra.checkpointing import guard_training, resolve_resume
 from lyra.config import validate, validate_max_length
 from lyra.data import build_datasets
+from lyra.distributed import rank_aware_argv
 from lyra.errors import UserError, exit_on_user_error
 from lyra.evaluate import PersonaProbeCallback
 from lyra.modeling import (apply_lora, build_model, build_quantization, build_tokenizer, count_parameters,
                            resolve_dtype)
-from lyra.distributed import rank_aware_argv
-from lyra.sweep import run_job
 from lyra.secrets import protect_run, scrub, scrub_config
+from lyra.sweep import run_job
 from lyra.tracking import WandbLogCallback, finish_run, start_run
 from lyra.trainer import build_trainer
 

@@ -216,7 +216,6 @@ def loss_parity(trainer, model, dataset) -> dict:
 
 def run_variant(args) -> dict:
     """One pipeline's training run in this process; returns its measurements."""
-    import torch
     from transformers import Trainer
 
     from lyra.train import build_training_args
