@@ -43,3 +43,16 @@ def rank_aware_argv(argv: list[str], env: Mapping[str, str] = os.environ) -> lis
     if rank(env) == 0:
         return list(argv)
     return [*argv, "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def finish_process_group() -> None:
+    """Wait for rank 0's writes, then tear the process group down on every rank.
+
+    A rank that exits with a live gloo/NCCL group aborts ("terminate called without an active
+    exception"), which fails the whole launch while rank 0 is still saving.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

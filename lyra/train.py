@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from lyra.checkpointing import guard_training, resolve_resume
 from lyra.config import validate, validate_max_length
 from lyra.data import build_datasets
-from lyra.distributed import rank_aware_argv
+from lyra.distributed import finish_process_group, rank_aware_argv
 from lyra.errors import UserError, exit_on_user_error
 from lyra.evaluate import PersonaProbeCallback
 from lyra.modeling import (apply_lora, build_model, build_quantization, build_tokenizer, count_parameters,
@@ -135,6 +135,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "metrics.json").write_text(json.dumps(scrub(metrics), indent=2) + "\n")
         log.info("adapter, tokenizer and metrics saved in %s", run_dir)
     finish_run(wandb_run, metrics)
+    finish_process_group()  # accelerate/torchrun: no rank exits before rank 0 has saved
     return metrics
 
 
