@@ -148,11 +148,15 @@ def eval_loss(model, dataset, tokenizer, batch_size: int) -> tuple[float, int]:
     """(mean NLL per supervised token, number of supervised tokens) over a tokenized split.
 
     Token-weighted, so it can differ slightly from the Trainer's eval_loss (a mean of batch means).
+    Uses training's collator and supervised-only logits (lyra.trainer): no full-vocabulary logits.
     """
     import torch
-    from transformers import DataCollatorForSeq2Seq
 
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    from lyra.trainer import (IGNORE_INDEX, build_collator, head_sees_only, shifted_targets,
+                              supervised_cross_entropy)
+
+    collator = build_collator(tokenizer, model, padding_free=False)
+    head = model.get_output_embeddings()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     model.eval()
@@ -160,9 +164,13 @@ def eval_loss(model, dataset, tokenizer, batch_size: int) -> tuple[float, int]:
         for start in range(0, len(dataset), batch_size):
             features = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {key: value.to(device) for key, value in collator(features).items()}
-            tokens = int((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
+            targets = shifted_targets(batch.pop("labels"))  # the token each position predicts
+            keep = targets != IGNORE_INDEX
+            tokens = int(keep.sum())
             if tokens:
-                total += float(model(**batch).loss) * tokens
+                with head_sees_only(head, keep):
+                    logits = model(**batch).logits
+                total += float(supervised_cross_entropy(logits, targets[keep], num_items_in_batch=1))  # a sum
                 count += tokens
     return (total / count if count else float("nan")), count
 
