@@ -459,7 +459,7 @@ def quote_text_overrides(argv: list[str], keys: Sequence[str] = TEXT_KEYS) -> li
     return quoted
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="chat")
+@hydra.main(version_base="1.3", config_path="conf", config_name="chat")
 def main(cfg: DictConfig) -> None:
     from lyra.runs import configure_cli_logging
 

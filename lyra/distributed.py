@@ -1,6 +1,6 @@
 """Data-parallel training on several GPUs of one node with `accelerate launch` (or torchrun).
 
-    accelerate launch --config_file conf/accelerate/multi_gpu.yaml --num_processes 4 \
+    accelerate launch --config_file lyra/conf/accelerate/multi_gpu.yaml --num_processes 4 \
         -m lyra.train hydra.run.dir=outputs/ddp-r16 lora.r=16
 
 Every rank runs Hydra, so every rank would pick its own `${now:...}` run dir: the run dir must be

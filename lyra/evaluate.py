@@ -319,7 +319,7 @@ class PersonaProbeCallback(TrainerCallback):
             self.run.log({**logged, f"{WANDB_PREFIX}replies": table}, step=state.global_step)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     from lyra.runs import configure_cli_logging
 

@@ -146,7 +146,7 @@ def export(cfg: DictConfig) -> Path:
     return output_dir
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     from lyra.runs import configure_cli_logging
 

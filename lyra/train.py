@@ -139,7 +139,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Returns objective.metric for the sweeper; in a multirun a failed job is recorded, not raised."""
     with exit_on_user_error():

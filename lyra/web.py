@@ -410,7 +410,7 @@ def serve(cfg: DictConfig) -> None:
                 show_error=True, mcp_server=False)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="web")
+@hydra.main(version_base="1.3", config_path="conf", config_name="web")
 def main(cfg: DictConfig) -> None:
     from lyra.runs import configure_cli_logging
 

@@ -70,7 +70,7 @@ def compose_config(args, output_dir: str):
         overrides += [f"model.build.{key}={value}" for key, value in MODELS[args.model].items()]
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(REPO_ROOT / "lyra" / "conf"), version_base="1.3"):
             return compose(config_name="train", overrides=overrides)
     finally:
         GlobalHydra.instance().clear()

@@ -47,7 +47,7 @@ def _offline_runs(root: Path) -> list[Path]:
 @pytest.mark.slow
 def test_two_process_cpu_run_writes_one_adapter_and_one_wandb_run(tmp_path, small_corpus):
     env = {**os.environ, "HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
-    command = ["accelerate", "launch", "--config_file", str(REPO_ROOT / "conf/accelerate/multi_gpu.yaml"),
+    command = ["accelerate", "launch", "--config_file", str(REPO_ROOT / "lyra/conf/accelerate/multi_gpu.yaml"),
                "--num_processes", "2", "-m", "lyra.train", "experiment=smoke", "trainer.max_steps=2",
                "trainer.eval_steps=2", "trainer.save_strategy=no", "eval=none", *small_corpus, "hydra.run.dir=ddp"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)

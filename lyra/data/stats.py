@@ -24,7 +24,7 @@ from lyra.data.formats import Conversation
 from lyra.data.tokenization import EncodeStats, encode_conversation, encode_turn, with_system_prompt
 from lyra.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def training_defaults() -> tuple[int, str | None]:
