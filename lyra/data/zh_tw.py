@@ -17,20 +17,15 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+SIMPLIFIED_ONLY_TABLE = Path(__file__).parent / "assets" / "simplified_only.txt"
+
 
 @functools.cache
 def _simplified_only() -> frozenset[str]:
-    import opencc
-
-    table = Path(opencc.__file__).parent / "dictionary" / "STCharacters.txt"
-    to_taiwan = _t2tw()
-    simplified = set()
-    for line in table.read_text(encoding="utf-8").splitlines():
-        source, _, candidates = line.partition("\t")
-        traditional = set(candidates.split())
-        if source and source not in traditional | {to_taiwan.convert(char) for char in traditional}:
-            simplified.add(source)
-    return frozenset(simplified)
+    # OpenCC's wheels ship compiled .ocd2 dictionaries only, so the table is derived from its text
+    # dictionary once, at development time (scripts/build_zh_tw_table.py), and shipped with lyra.
+    lines = SIMPLIFIED_ONLY_TABLE.read_text(encoding="utf-8").splitlines()
+    return frozenset("".join(line for line in lines if not line.startswith("#")))
 
 
 @functools.cache
