@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from lyra.errors import UserError
+from lyra.hub import ensure_base_available
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ def model_path(model_cfg: DictConfig) -> str:
     """Where to load the model from; builds the tiny model first when the config describes one."""
     if model_cfg.get("build"):
         return str(ensure_tiny_model(model_cfg.name_or_path, model_cfg.build))
-    return str(model_cfg.name_or_path)
+    return ensure_base_available(str(model_cfg.name_or_path))  # one line, not a 50 s retry, when offline
 
 
 def build_tokenizer(model_cfg: DictConfig):
@@ -207,14 +209,27 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
+def check_target_modules(model, target_modules) -> None:
+    """Every named layer exists, or a regex (peft: full match on the module path) matches some layer."""
+    available = linear_module_names(model)
+    if target_modules == "all-linear":
+        return
+    if isinstance(target_modules, str):
+        if not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
+            raise UserError("lora.target_modules", f"the regex {target_modules!r} matches no module path "
+                                                   f"(peft matches it against full names such as "
+                                                   f"model.layers.0.self_attn.q_proj); layers: {available}")
+        return
+    missing = [name for name in target_modules if name not in available]
+    if missing:
+        raise UserError("lora.target_modules", f"{missing} match no module in the model; available: {available}")
+
+
 def apply_lora(model, lora_cfg: DictConfig, gradient_checkpointing: bool = False):
     """Wrap the base in a PEFT LoRA adapter; 4-bit bases are first prepared for k-bit training."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    available = linear_module_names(model)
-    missing = [name for name in lora_cfg.target_modules if name not in available]
-    if missing:
-        raise UserError("lora.target_modules", f"{missing} match no module in the model; available: {available}")
+    check_target_modules(model, lora_cfg.target_modules)
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
