@@ -8,12 +8,14 @@ code that has them (`validate_max_length`, `lyra.modeling.apply_lora`).
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from lyra.errors import UserError
+from lyra.hub import ensure_base_available
 from lyra.modeling import resolve_dtype
 from lyra.paths import resolve_user_path
 
@@ -90,11 +92,24 @@ def validate_output_dir(output_dir: Path, hydra_cfg: DictConfig) -> None:
              "or paths.output_dir= on the command line to write there on purpose")
 
 
+def _check_target_modules(target_modules) -> None:
+    """The forms peft.LoraConfig accepts: a list of layer names, `all-linear`, or a regex string."""
+    key = "lora.target_modules"
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as error:
+            raise UserError(key, f"{target_modules!r} is neither all-linear nor a valid regex ({error})") from None
+        return
+    _require(OmegaConf.is_list(target_modules) and len(target_modules) > 0
+             and all(isinstance(name, str) and name for name in target_modules), key,
+             f"must be a non-empty list of layer names such as [q_proj,v_proj], all-linear, or a regex "
+             f"string; got {target_modules!r}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Refuse bad values with one line naming the key and the allowed range."""
     _check_missing(cfg)
-    from lyra.evaluate import validate_probes  # the eval group (persona probes); eval=none passes
-    validate_probes(cfg.get("eval"))
     _require(isinstance(cfg.resume, str) and cfg.resume.strip() != "", "resume",
              f"must be auto, never, or the path of a run dir or checkpoint, got {cfg.resume!r}")
     _require(isinstance(cfg.overwrite, bool), "overwrite", f"must be true or false, got {cfg.overwrite!r}")
@@ -105,9 +120,7 @@ def validate(cfg: DictConfig) -> None:
     _require(_is_number(lora.lora_alpha) and lora.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {lora.lora_alpha}")
     _require(_is_number(lora.lora_dropout) and 0 <= lora.lora_dropout < 1, "lora.lora_dropout",
              f"must be in [0, 1), got {lora.lora_dropout}")
-    target_modules = lora.target_modules
-    _require(isinstance(target_modules, str) or (OmegaConf.is_list(target_modules) and len(target_modules) > 0),
-             "lora.target_modules", "must be a non-empty list such as [q_proj,v_proj]")
+    _check_target_modules(lora.target_modules)
     _require(_is_number(trainer.learning_rate) and trainer.learning_rate > 0, "trainer.learning_rate",
              f"must be > 0, got {trainer.learning_rate}")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -124,12 +137,15 @@ def validate(cfg: DictConfig) -> None:
     _check_file(cfg, "data.train_file")
     _check_file(cfg, "data.eval_file")
     resolve_dtype(cfg.model.dtype)
-    if cfg.quantization.get("load_in_4bit"):
+    if cfg.model.get("build") is None:
+        _require(bool(cfg.model.name_or_path), "model.name_or_path", "must name a hub model or a local directory")
+        ensure_base_available(str(cfg.model.name_or_path))  # cached, local or reachable: else one line now
+    if cfg.quantization.get("load_in_4bit"):  # importing bitsandbytes costs seconds: after the model check
         problem = bitsandbytes_problem()
         _require(problem is None, "quantization",
                  f"4-bit needs bitsandbytes>=0.47 ({problem}); `pip install -U bitsandbytes` or use quantization=none")
-    if cfg.model.get("build") is None and not cfg.model.name_or_path:
-        raise UserError("model.name_or_path", "must name a hub model or a local directory")
+    from lyra.evaluate import validate_probes  # the eval group (persona probes); eval=none passes. Imports
+    validate_probes(cfg.get("eval"))  # transformers' Trainer stack, so it runs after the cheaper checks
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():  # API callers (tests, notebooks) choose their dir themselves
