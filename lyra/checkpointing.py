@@ -18,6 +18,10 @@
   aborts at once.
 - An out-of-memory error ends with one line naming the knobs that help, in order, after saving
   the adapter to `interrupted/` when a checkpoint exists.
+- Any other crash inside training (a callback, the data, ...) saves the adapter too: to `adapter/`
+  after the last step, else to `interrupted/`; one line names what failed, the traceback goes to
+  `<run_dir>/failure.log`, exit code 1. `keep_adapter_after_training` does the same for everything
+  train() does once the adapter is saved (metrics, files, W&B).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import TrainerCallback
 
-from lyra.errors import UserError
+from lyra.errors import RunFailed, UserError
 from lyra.paths import resolve_user_path
 
 log = logging.getLogger(__name__)
@@ -101,14 +105,20 @@ def _report_broken(broken: list[tuple[Path, str]]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _targets(target_modules) -> str | list[str]:
+    """A regex / all-linear string as is, a list of layer names sorted (peft saves a set)."""
+    return target_modules if isinstance(target_modules, str) else sorted(target_modules)
+
+
 def _check_adapter_matches(checkpoint: Path, lora_cfg: DictConfig) -> None:
     """Continuing an adapter of another shape would fail deep inside PEFT; say which key differs."""
     saved = json.loads((checkpoint / "adapter_config.json").read_text())
     if saved.get("r") != lora_cfg.r:
         raise UserError("lora.r", f"{checkpoint} was trained with lora.r={saved.get('r')}, not {lora_cfg.r}; "
                                   "set it back or start a new run dir")
-    if sorted(saved.get("target_modules") or []) != sorted(lora_cfg.target_modules):
-        raise UserError("lora.target_modules", f"{checkpoint} was trained with {sorted(saved['target_modules'])}; "
+    trained, wanted = _targets(saved.get("target_modules") or []), _targets(lora_cfg.target_modules)
+    if wanted != "all-linear" and trained != wanted:  # all-linear is saved as the layer names it resolved to
+        raise UserError("lora.target_modules", f"{checkpoint} was trained with {trained}; "
                                                "set them back or start a new run dir")
 
 
@@ -245,22 +255,69 @@ def make_checkpoints_atomic(trainer) -> None:
 
 # ------------------------------------------------------------------------------- interrupts + OOM
 
-def save_interrupted(trainer, run_dir: Path, reason: str) -> Path:
-    """The adapter as it is now (+ tokenizer), written atomically to `<run_dir>/interrupted/`."""
-    final = run_dir / INTERRUPTED_DIR
-    staged = run_dir / f".{INTERRUPTED_DIR}.partial"
+def save_adapter(trainer, final: Path, note: dict | None = None) -> Path:
+    """The adapter as it is now (+ tokenizer, + `note` as interrupted.json), written atomically to `final`."""
+    staged = final.parent / f".{final.name}.partial"
     shutil.rmtree(staged, ignore_errors=True)
     trainer.model.save_pretrained(staged)
     if trainer.processing_class is not None:
         trainer.processing_class.save_pretrained(staged)
+    if note is not None:
+        (staged / "interrupted.json").write_text(json.dumps(note, indent=2) + "\n")
+    _publish(staged, final)
+    return final
+
+
+def save_interrupted(trainer, run_dir: Path, reason: str) -> Path:
+    """The adapter of a run stopped mid-training, with why and where to resume, in `<run_dir>/interrupted/`."""
     complete, _ = scan_checkpoints(Path(trainer.args.output_dir))
-    (staged / "interrupted.json").write_text(json.dumps({
+    return save_adapter(trainer, run_dir / INTERRUPTED_DIR, {
         "reason": reason,
         "global_step": trainer.state.global_step,
         "resume_checkpoint": str(complete[-1]) if complete else None,
-    }, indent=2) + "\n")
-    _publish(staged, final)
-    return final
+    })
+
+
+# ------------------------------------------------------------------------------ any other failure
+FAILURE_LOG = "failure.log"
+
+
+def failed_component(error: BaseException) -> str:
+    """What raised, for the one-line message: the Trainer callback hook it came from, else the innermost function."""
+    from transformers.trainer_callback import CallbackHandler
+
+    frames = []
+    traceback = error.__traceback__
+    while traceback is not None:
+        frames.append(traceback.tb_frame)
+        traceback = traceback.tb_next
+    for frame in frames:  # outermost first: the hook the Trainer called, not a helper inside it
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, TrainerCallback) and not isinstance(owner, CallbackHandler):
+            return f"{type(owner).__name__}.{frame.f_code.co_name}"
+    return frames[-1].f_code.co_name if frames else "training"
+
+
+def record_failure(run_dir: Path, error: BaseException) -> Path:
+    """The full traceback, kept in the run dir so the console gets one line."""
+    import traceback as tb
+
+    path = run_dir / FAILURE_LOG
+    path.write_text("".join(tb.format_exception(error)), encoding="utf-8")
+    return path
+
+
+@contextlib.contextmanager
+def keep_adapter_after_training(run_dir: Path, adapter: Path) -> Iterator[None]:
+    """Around everything after the adapter is saved (metrics, files, W&B): a failure costs nothing trained."""
+    try:
+        yield
+    except (UserError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as error:  # noqa: BLE001 - disk full, W&B, a metric: the weights are already safe
+        log_file = record_failure(run_dir, error)
+        raise RunFailed(f"{failed_component(error)} failed after training ({type(error).__name__}: {error}); "
+                        f"the trained adapter is saved in {adapter}; traceback in {log_file}") from error
 
 
 class _StopOnSignal(TrainerCallback):
@@ -298,6 +355,34 @@ def _is_oom(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
+def _saved_after_crash(trainer, run_dir: Path, error: BaseException) -> RunFailed:
+    """Save the adapter of a run that crashed (a callback, a data error, ...) and say so in one line.
+
+    After the last optimizer step the weights are final, so they go to `adapter/`, where chat and
+    export look; earlier, they go to `interrupted/` with the checkpoint to resume from.
+    """
+    for callback in trainer.callback_handler.callbacks:  # an open progress bar would swallow the line's start
+        if getattr(callback, "training_bar", None) is not None:
+            callback.training_bar.close()
+            callback.training_bar = None
+    what, step = failed_component(error), trainer.state.global_step
+    log_file = record_failure(run_dir, error)
+    if step == 0:  # nothing trained, nothing to keep: an empty interrupted/ would only block the rerun
+        return RunFailed(f"{what} failed before the first step ({type(error).__name__}: {error}); "
+                         f"traceback in {log_file}")
+    finished = trainer.state.max_steps > 0 and step >= trainer.state.max_steps
+    if trainer.is_world_process_zero():
+        saved = (save_adapter(trainer, run_dir / "adapter") if finished
+                 else save_interrupted(trainer, run_dir, f"{what}: {type(error).__name__}: {error}"))
+    else:
+        saved = run_dir / ("adapter" if finished else INTERRUPTED_DIR)
+    complete, _ = scan_checkpoints(Path(trainer.args.output_dir))
+    where = "after the last step" if finished else f"at step {step}"
+    resume = f"; rerun the same command to resume from {complete[-1].name}" if complete else ""
+    return RunFailed(f"{what} failed {where} ({type(error).__name__}: {error}); adapter saved in {saved}{resume}; "
+                     f"traceback in {log_file}")
+
+
 @contextlib.contextmanager
 def guard_training(trainer, run_dir: Path, cfg: DictConfig) -> Iterator[None]:
     """Atomic checkpoints, SIGINT/SIGTERM -> `interrupted/` + exit 128+signum, OOM -> advice.
@@ -321,9 +406,11 @@ def guard_training(trainer, run_dir: Path, cfg: DictConfig) -> Iterator[None]:
             previous[signum] = signal.signal(signum, on_signal) or signal.SIG_DFL  # None: set outside Python
     try:
         yield
+    except (UserError, KeyboardInterrupt, SystemExit):
+        raise
     except BaseException as error:
         if not _is_oom(error):
-            raise
+            raise _saved_after_crash(trainer, run_dir, error) from error
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         complete, _ = scan_checkpoints(Path(trainer.args.output_dir))

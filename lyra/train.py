@@ -22,18 +22,14 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lyra.checkpointing import guard_training, resolve_resume
 from lyra.config import validate, validate_max_length
 from lyra.data import build_datasets
 from lyra.distributed import finish_process_group, rank_aware_argv
 from lyra.errors import UserError, exit_on_user_error
-from lyra.evaluate import PersonaProbeCallback
 from lyra.modeling import (apply_lora, build_model, build_quantization, build_tokenizer, count_parameters,
                            resolve_dtype)
 from lyra.secrets import protect_run, scrub, scrub_config
 from lyra.sweep import run_job
-from lyra.tracking import WandbLogCallback, finish_run, start_run
-from lyra.trainer import build_trainer
 
 log = logging.getLogger("lyra.train")
 
@@ -73,9 +69,16 @@ def last_logged(log_history: list[dict], key: str) -> float | None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by `cfg`; returns its metrics."""
+    validate(cfg)
+    # The training stack (transformers' Trainer, peft, bitsandbytes, W&B: ~6 s of CPU to import) loads
+    # once the config is known to be good, so a bad value or an unreachable hub answers in seconds.
     from transformers import set_seed
 
-    validate(cfg)
+    from lyra.checkpointing import guard_training, keep_adapter_after_training, resolve_resume, save_adapter
+    from lyra.evaluate import PersonaProbeCallback
+    from lyra.tracking import WandbLogCallback, finish_run, start_run
+    from lyra.trainer import build_trainer
+
     run_dir = Path(cfg.paths.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     protect_run(run_dir)  # secrets masked in logs and .hydra/ from here on
@@ -98,15 +101,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("LoRA: %s trainable of %s params", f"{trainable_params:,}", f"{total_params:,}")
 
     args = build_training_args(cfg.trainer, run_dir, dtype, has_eval=splits.eval is not None)
+    if args.process_index == 0:  # written first, so whatever adapter this run leaves can be loaded
+        OmegaConf.save(scrub_config(cfg), run_dir / "resolved_config.yaml")
     wandb_run = start_run(cfg, run_dir) if args.process_index == 0 else None
     probes = PersonaProbeCallback(cfg.get("eval"), cfg.data.system_prompt, wandb_run)  # eval=none: no-op
     # supervised-only logits + dynamic padding / padding-free (lyra.trainer)
     trainer = build_trainer(model, args, tokenizer, splits.train, splits.eval, cfg.data.padding_free,
                             callbacks=([WandbLogCallback(wandb_run)] if wandb_run else []) + [probes])
 
-    with guard_training(trainer, run_dir, cfg):  # atomic checkpoints; SIGINT/SIGTERM/OOM keep the adapter
+    with guard_training(trainer, run_dir, cfg):  # atomic checkpoints; signals, OOM and crashes keep the adapter
         result = trainer.train(resume_from_checkpoint=resume_from)
+    adapter_dir = run_dir / "adapter"
+    if trainer.is_world_process_zero():
+        save_adapter(trainer, adapter_dir)  # first: nothing after this line can cost the trained weights
+        log.info("adapter and tokenizer saved in %s", adapter_dir)
 
+    with keep_adapter_after_training(run_dir, adapter_dir):  # a failure below: one line, exit 1
+        metrics = collect_metrics(trainer, result, splits, probes, args, trainable_params, total_params)
+        if trainer.is_world_process_zero():
+            trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
+            (run_dir / "metrics.json").write_text(json.dumps(scrub(metrics), indent=2) + "\n")
+            log.info("metrics saved in %s", run_dir / "metrics.json")
+        finish_run(wandb_run, metrics)
+    finish_process_group()  # accelerate/torchrun: no rank exits before rank 0 has saved
+    return metrics
+
+
+def collect_metrics(trainer, result, splits, probes, args, trainable_params: int, total_params: int) -> dict[str, Any]:
+    """What metrics.json, the W&B summary and sweeps see: losses, throughput, sizes, persona metrics."""
     metrics: dict[str, Any] = {
         "train_loss": result.training_loss,
         "final_train_loss": last_logged(trainer.state.log_history, "loss"),
@@ -126,16 +148,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["eval_loss"] = final_eval[-1]["eval_loss"] if final_eval else trainer.evaluate()["eval_loss"]
     metrics.update(probes.metrics)  # final persona metrics: sweeps can rank by them
     metrics["peak_memory_bytes"] = peak_memory_bytes()
-
-    if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(run_dir / "adapter")
-        tokenizer.save_pretrained(run_dir / "adapter")
-        OmegaConf.save(scrub_config(cfg), run_dir / "resolved_config.yaml")
-        trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
-        (run_dir / "metrics.json").write_text(json.dumps(scrub(metrics), indent=2) + "\n")
-        log.info("adapter, tokenizer and metrics saved in %s", run_dir)
-    finish_run(wandb_run, metrics)
-    finish_process_group()  # accelerate/torchrun: no rank exits before rank 0 has saved
     return metrics
 
 
