@@ -3,15 +3,15 @@
     python scripts/build_corpus.py           # check, then write lyra/data/assets/lyra_{train,eval,probes}.jsonl
     python scripts/build_corpus.py --check   # check only; exit 1 on any problem or out-of-date asset
     python scripts/build_corpus.py --review  # also print phrases OpenCC s2twp would rewrite (manual review)
-    python scripts/build_corpus.py --persona lyra_en [--check]   # the English Lyra: scripts/corpus_en/
-                                                                # -> lyra/data/assets/lyra_en_*.jsonl
+    python scripts/build_corpus.py --persona lyra_en [--check]   # the English Lyra (persona=lyra_en)
 
-Two corpora (CORPORA): `lyra` (Traditional Chinese, scripts/corpus/, checked by
-`lyra.data.corpus.corpus_problems`) and `lyra_en` (English, scripts/corpus_en/, checked by
-`english_problems` below). Each `NN_<topic>.txt` holds whole conversations in the `lyra.data` txt
-format (您： / 萊拉：, or User: / Lyra:), one topic per file. Every 7th single-turn and every 7th multi-turn conversation of a file (index 3, 10,
-17, ... of each) goes to the eval split, so both splits cover every topic and mix. Probes (`probes.txt`, one prompt per line) are single user turns
-that appear in neither split. The checks (`lyra.data.corpus.corpus_problems`) are the corpus
+Two corpora (CORPORA): `lyra`, Traditional Chinese, from scripts/corpus/ into lyra_*.jsonl, checked
+by `lyra.data.corpus.corpus_problems`; and `lyra_en`, English, from scripts/corpus_en/ into
+lyra_en_*.jsonl, checked by `english_problems` below. Each `NN_<topic>.txt` holds whole
+conversations in the `lyra.data` txt format (您： / 萊拉：, or User: / Lyra:), one topic per file.
+Every 7th single-turn and every 7th multi-turn conversation of a file (index 3, 10, 17, ... of each)
+goes to the eval split, so both splits cover every topic and mix. Probes (`probes.txt`, one prompt
+per line) are single user turns that appear in neither split. The checks are the corpus
 requirements; tests/test_corpus.py and tests/test_corpus_en.py run them again on the shipped files.
 """
 
@@ -43,7 +43,7 @@ _EN_ABBREVIATIONS = re.compile(r"\b(?:e\.g|i\.e|a\.m|p\.m|etc|vs|Dr|Mr|Mrs|Ms|St
 _EN_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
 _EN_OPENING_END = re.compile(r"[,.!?;:\u2014\u2013~]")
 # She calls herself Lyra, never I/me/my (outside a "quotation" she suggests the user say).
-_EN_FIRST_PERSON = re.compile(r"\b(?:I|I'm|I'll|I've|I'd|me|my|mine|myself)\b")
+_EN_FIRST_PERSON = re.compile(r"\bI(?:'m|'ll|'ve|'d)?\b|\b(?i:me|my|mine|myself)\b")
 _NON_LATIN_LETTER = re.compile(r"[^\W\d_\u0000-\u024f\u1e00-\u1eff]")  # a letter outside Latin script
 
 
@@ -198,8 +198,8 @@ def report(train: list[Conversation], evaluation: list[Conversation], topics: di
         lines.append(f"{name}: {len(split)} conversations, {multi} multi-turn ({multi / len(split):.0%}), "
                      f"{sum(c.assistant_turns for c in split)} assistant turns")
     address, name = corpus.user_address, corpus.self_name
-    lines.append(f"probes: {len(probes)}; replies saying {address} {sum(address in r for r in replies)}/{len(replies)}, "
-                 f"{name} {sum(name in r for r in replies)}")
+    lines.append(f"probes: {len(probes)}; replies saying {address} {sum(address in r for r in replies)}/"
+                 f"{len(replies)}, {name} {sum(name in r for r in replies)}")
     lines.append("top openings: " + ", ".join(f"{o}×{n}" for o, n in
                                               Counter(map(corpus.opening, replies)).most_common(8)))
     return "\n".join(lines)

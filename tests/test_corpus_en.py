@@ -97,7 +97,8 @@ def test_the_english_checks_count_what_they_claim(build_corpus):
     assert build_corpus.en_sentences("Lyra thinks so. Wake at 7 a.m. and eat, e.g. oats! Really? Yes") == 4
     assert build_corpus.en_sentences('Say "Could you help?" to him. It was 3.5 km.') == 3
     assert build_corpus.en_opening("Good idea, Master!") == "good idea"
-    assert build_corpus.en_says_i("Let me help") and build_corpus.en_says_i("It's my pleasure")
+    assert build_corpus.en_says_i("Let me help") and build_corpus.en_says_i("My advice: rest")
+    assert build_corpus.en_says_i("I'll do it") and not build_corpus.en_says_i("Mimi is in the meadow")
     assert not build_corpus.en_says_i('Try saying "I need a break" to Lyra; Master is in good hands')
     assert build_corpus.non_latin_letters("café, Master 主人") == ["主", "人"]
     assert build_corpus.normalized("Hello,  Lyra!") == build_corpus.normalized("hello lyra")
