@@ -1,23 +1,29 @@
-"""Build the embedded Lyra corpus from the hand-written transcripts in scripts/corpus/.
+"""Build an embedded persona corpus from its hand-written transcripts.
 
     python scripts/build_corpus.py           # check, then write lyra/data/assets/lyra_{train,eval,probes}.jsonl
     python scripts/build_corpus.py --check   # check only; exit 1 on any problem or out-of-date asset
     python scripts/build_corpus.py --review  # also print phrases OpenCC s2twp would rewrite (manual review)
+    python scripts/build_corpus.py --persona lyra_en [--check]   # the English Lyra (persona=lyra_en)
 
-Each `NN_<topic>.txt` holds whole conversations in the `lyra.data` txt format (您： / 萊拉：), one
-topic per file. Every 7th single-turn and every 7th multi-turn conversation of a file (index 3, 10,
-17, ... of each) goes to the eval split, so both splits cover every topic and mix. Probes (`probes.txt`, one prompt per line) are single user turns
-that appear in neither split. The checks (`lyra.data.corpus.corpus_problems`) are the corpus
-requirements; tests/test_corpus.py runs them again on the shipped files.
+Two corpora (CORPORA): `lyra`, Traditional Chinese, from scripts/corpus/ into lyra_*.jsonl, checked
+by `lyra.data.corpus.corpus_problems`; and `lyra_en`, English, from scripts/corpus_en/ into
+lyra_en_*.jsonl, checked by `english_problems` below. Each `NN_<topic>.txt` holds whole
+conversations in the `lyra.data` txt format (您： / 萊拉：, or User: / Lyra:), one topic per file.
+Every 7th single-turn and every 7th multi-turn conversation of a file (index 3, 10, 17, ... of each)
+goes to the eval split, so both splits cover every topic and mix. Probes (`probes.txt`, one prompt
+per line) are single user turns that appear in neither split. The checks are the corpus
+requirements; tests/test_corpus.py and tests/test_corpus_en.py run them again on the shipped files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -26,19 +32,117 @@ from lyra.data.corpus import corpus_problems, opening  # noqa: E402
 from lyra.data.formats import Conversation, read_conversations  # noqa: E402
 from lyra.data.txt import to_seed_record, write_jsonl_atomic  # noqa: E402
 
-SOURCES = REPO / "scripts" / "corpus"
 ASSETS = REPO / "lyra" / "data" / "assets"
 EVAL_EVERY, EVAL_OFFSET = 7, 3
 
+# The English corpus's requirements (issue 13). Smaller than the Chinese corpus's, same shape.
+EN_MIN_TRAIN, EN_MIN_EVAL, EN_MIN_PROBES, EN_MIN_MULTI_TURN_SHARE = 200, 40, 30, 0.4
+EN_MAX_OPENING_SHARE = 0.05  # no first clause may start more than 5% of replies
+EN_MIN_ADDRESS_SHARE, EN_MIN_SELF_NAME_SHARE = 0.6, 0.3  # replies saying "Master" / "Lyra"
+_EN_ABBREVIATIONS = re.compile(r"\b(?:e\.g|i\.e|a\.m|p\.m|etc|vs|Dr|Mr|Mrs|Ms|St)\.", re.IGNORECASE)
+_EN_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
+_EN_OPENING_END = re.compile(r"[,.!?;:\u2014\u2013~]")
+# She calls herself Lyra, never I/me/my (outside a "quotation" she suggests the user say).
+_EN_FIRST_PERSON = re.compile(r"\bI(?:'m|'ll|'ve|'d)?\b|\b(?i:me|my|mine|myself)\b")
+_NON_LATIN_LETTER = re.compile(r"[^\W\d_\u0000-\u024f\u1e00-\u1eff]")  # a letter outside Latin script
 
-def load_topics() -> dict[str, list[Conversation]]:
+
+def en_sentences(text: str) -> int:
+    """Sentences in an English reply: runs ended by . ! ? before a space or the end (abbreviations ignored)."""
+    return sum(1 for part in _EN_SENTENCE_END.split(_EN_ABBREVIATIONS.sub("", text)) if re.search(r"\w", part))
+
+
+def en_opening(text: str) -> str:
+    """The first clause of an English reply, case-folded, used to detect template openings."""
+    return _EN_OPENING_END.split(text, maxsplit=1)[0].strip().casefold()
+
+
+def en_says_i(text: str) -> bool:
+    """Lyra speaks of herself as I/me/my outside a "quotation"."""
+    return bool(_EN_FIRST_PERSON.search(re.sub(r'"[^"]*"', "", text)))
+
+
+def non_latin_letters(text: str) -> list[str]:
+    """Letters of a reply outside the Latin script (CJK, kana, Cyrillic, ...): an English reply has none."""
+    return sorted(set(_NON_LATIN_LETTER.findall(text)))
+
+
+def normalized(text: str) -> str:
+    """A user message reduced to lower-case words, so near-duplicates (case, punctuation) collide."""
+    return " ".join(re.findall(r"\w+", text.casefold()))
+
+
+def english_problems(train: list[Conversation], evaluation: list[Conversation], probes: list[str]) -> list[str]:
+    """Every violated requirement of the English corpus, one line each; [] when all hold."""
+    problems = []
+    everything = train + evaluation
+    replies = [(c.id, m["content"]) for c in everything for m in c.messages if m["role"] == "assistant"]
+    users = [(c.id, m["content"]) for c in everything for m in c.messages if m["role"] == "user"]
+    for name, split, minimum in (("train", train, EN_MIN_TRAIN), ("eval", evaluation, EN_MIN_EVAL)):
+        multi = sum(c.assistant_turns >= 2 for c in split)
+        if len(split) < minimum:
+            problems.append(f"{name}: {len(split)} conversations, need >= {minimum}")
+        if multi < EN_MIN_MULTI_TURN_SHARE * len(split):
+            problems.append(f"{name}: {multi}/{len(split)} multi-turn, need >= 40%")
+    for kind, items, key in (("assistant reply", replies, str), ("user message", users, normalized)):
+        seen: dict[str, str] = {}
+        for conversation_id, text in items:
+            if key(text) in seen:
+                problems.append(f"{conversation_id}: duplicate {kind} (also in {seen[key(text)]}): {text[:40]}")
+            seen.setdefault(key(text), conversation_id)
+    user_texts = {normalized(text) for _, text in users}
+    for probe in probes:
+        if normalized(probe) in user_texts:
+            problems.append(f"probe also appears as a user message: {probe}")
+    if len({normalized(p) for p in probes}) != len(probes) or len(probes) < EN_MIN_PROBES:
+        problems.append(f"probes: {len(probes)} ({len(set(probes))} distinct), need >= {EN_MIN_PROBES} distinct")
+    for conversation_id, text in replies:
+        if not 1 <= en_sentences(text) <= 4:
+            problems.append(f"{conversation_id}: reply has {en_sentences(text)} sentences (1-4): {text[:40]}")
+        if en_says_i(text):
+            problems.append(f"{conversation_id}: Lyra says I/me/my outside a quotation (she says Lyra): {text[:40]}")
+        if bad := non_latin_letters(text):
+            problems.append(f"{conversation_id}: non-English letters {bad}: {text[:40]}")
+        if re.match(r"of course\W+master\b", text, re.IGNORECASE):
+            problems.append(f"{conversation_id}: template opening 'Of course, Master': {text[:40]}")
+    openings = Counter(en_opening(text) for _, text in replies)
+    most, count = openings.most_common(1)[0]
+    if count > EN_MAX_OPENING_SHARE * len(replies):
+        problems.append(f"opening {most!r} starts {count}/{len(replies)} replies (> 5%)")
+    for word, minimum in (("Master", EN_MIN_ADDRESS_SHARE), ("Lyra", EN_MIN_SELF_NAME_SHARE)):
+        share = sum(word in text for _, text in replies) / len(replies)
+        if share < minimum:
+            problems.append(f"replies saying {word}: {share:.0%}, need >= {minimum:.0%}")
+    return problems
+
+
+class Corpus(NamedTuple):
+    """One persona's corpus: where its sources are, what its files and ids are called, how it is checked."""
+
+    sources: Path
+    prefix: str  # asset files are <prefix>_{train,eval,probes}.jsonl
+    id_prefix: str  # conversation ids are <id_prefix>-<topic>-NNN
+    user_address: str  # counted in the report
+    self_name: str
+    opening: Callable[[str], str]
+    problems: Callable[[list[Conversation], list[Conversation], list[str]], list[str]]
+
+
+CORPORA = {
+    "lyra": Corpus(REPO / "scripts" / "corpus", "lyra", "lyra", "主人", "萊拉", opening, corpus_problems),
+    "lyra_en": Corpus(REPO / "scripts" / "corpus_en", "lyra_en", "lyra-en", "Master", "Lyra", en_opening,
+                      english_problems),
+}
+
+
+def load_topics(corpus: Corpus = CORPORA["lyra"]) -> dict[str, list[Conversation]]:
     topics, problems = {}, []
-    for path in sorted(SOURCES.glob("[0-9][0-9]_*.txt")):
+    for path in sorted(corpus.sources.glob("[0-9][0-9]_*.txt")):
         conversations, file_problems = read_conversations(path)
         problems += file_problems
         topic = path.stem.split("_", 1)[1]
         for index, conversation in enumerate(conversations, start=1):
-            conversation.id = f"lyra-{topic}-{index:03d}"
+            conversation.id = f"{corpus.id_prefix}-{topic}-{index:03d}"
         topics[topic] = conversations
     if problems:
         sys.exit("\n".join(map(str, problems)))
@@ -57,20 +161,21 @@ def split_topics(topics: dict[str, list[Conversation]]) -> tuple[list[Conversati
     return sorted(train, key=lambda c: order[c.id]), sorted(evaluation, key=lambda c: order[c.id])
 
 
-def load_probe_sources() -> list[str]:
-    lines = (SOURCES / "probes.txt").read_text(encoding="utf-8").splitlines()
+def load_probe_sources(corpus: Corpus = CORPORA["lyra"]) -> list[str]:
+    lines = (corpus.sources / "probes.txt").read_text(encoding="utf-8").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def build() -> tuple[dict[str, list[dict]], list[str], str]:
+def build(persona: str = "lyra") -> tuple[dict[str, list[dict]], list[str], str]:
     """(records per asset file name, corpus problems, human-readable report) from the sources."""
-    topics = load_topics()
+    corpus = CORPORA[persona]
+    topics = load_topics(corpus)
     train, evaluation = split_topics(topics)
-    probes = load_probe_sources()
-    records = {"lyra_train.jsonl": [to_seed_record(c) for c in train],
-               "lyra_eval.jsonl": [to_seed_record(c) for c in evaluation],
-               "lyra_probes.jsonl": [{"id": f"probe-{i:03d}", "prompt": p} for i, p in enumerate(probes)]}
-    return records, corpus_problems(train, evaluation, probes), report(train, evaluation, topics, probes)
+    probes = load_probe_sources(corpus)
+    records = {f"{corpus.prefix}_train.jsonl": [to_seed_record(c) for c in train],
+               f"{corpus.prefix}_eval.jsonl": [to_seed_record(c) for c in evaluation],
+               f"{corpus.prefix}_probes.jsonl": [{"id": f"probe-{i:03d}", "prompt": p} for i, p in enumerate(probes)]}
+    return records, corpus.problems(train, evaluation, probes), report(train, evaluation, topics, probes, corpus)
 
 
 def stale_assets(records: dict[str, list[dict]]) -> list[str]:
@@ -84,16 +189,19 @@ def stale_assets(records: dict[str, list[dict]]) -> list[str]:
     return stale
 
 
-def report(train: list[Conversation], evaluation: list[Conversation], topics: dict, probes: list[str]) -> str:
+def report(train: list[Conversation], evaluation: list[Conversation], topics: dict, probes: list[str],
+           corpus: Corpus = CORPORA["lyra"]) -> str:
     replies = [m["content"] for c in train + evaluation for m in c.messages if m["role"] == "assistant"]
     lines = [f"topics: {len(topics)} ({', '.join(f'{t} {len(c)}' for t, c in topics.items())})"]
     for name, split in (("train", train), ("eval", evaluation)):
         multi = sum(c.assistant_turns >= 2 for c in split)
         lines.append(f"{name}: {len(split)} conversations, {multi} multi-turn ({multi / len(split):.0%}), "
                      f"{sum(c.assistant_turns for c in split)} assistant turns")
-    lines.append(f"probes: {len(probes)}; replies saying 主人 {sum('主人' in r for r in replies)}/{len(replies)}, "
-                 f"萊拉 {sum('萊拉' in r for r in replies)}")
-    lines.append("top openings: " + ", ".join(f"{o}×{n}" for o, n in Counter(map(opening, replies)).most_common(8)))
+    address, name = corpus.user_address, corpus.self_name
+    lines.append(f"probes: {len(probes)}; replies saying {address} {sum(address in r for r in replies)}/"
+                 f"{len(replies)}, {name} {sum(name in r for r in replies)}")
+    lines.append("top openings: " + ", ".join(f"{o}×{n}" for o, n in
+                                              Counter(map(corpus.opening, replies)).most_common(8)))
     return "\n".join(lines)
 
 
@@ -113,8 +221,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="check sources and assets, write nothing")
     parser.add_argument("--review", action="store_true", help="print OpenCC s2twp rewrites for manual review")
+    parser.add_argument("--persona", choices=sorted(CORPORA), default="lyra", help="which corpus to build")
     args = parser.parse_args()
-    records, problems, summary = build()
+    if args.review and args.persona != "lyra":
+        parser.error("--review (OpenCC s2twp) applies to the Chinese corpus only")
+    records, problems, summary = build(args.persona)
     print(summary)
     if args.review:
         review([c for conversations in load_topics().values() for c in conversations])
@@ -125,7 +236,8 @@ def main() -> int:
     if args.check:
         stale = stale_assets(records)
         if stale:
-            print(f"out of date: {', '.join(stale)}; run python scripts/build_corpus.py", file=sys.stderr)
+            print(f"out of date: {', '.join(stale)}; run python scripts/build_corpus.py --persona {args.persona}",
+                  file=sys.stderr)
         return 1 if stale else 0
     for name, rows in records.items():
         write_jsonl_atomic(rows, ASSETS / name)
