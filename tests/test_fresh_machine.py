@@ -22,7 +22,7 @@ from conftest import REPO_ROOT, compose
 from lyra.checkpointing import FAILURE_LOG, INTERRUPTED_DIR
 from lyra.errors import RunFailed, UserError, exit_on_user_error
 
-FAST = ["experiment=smoke", "logger=none", "quantization=none", "data.max_length=128", "eval=none",
+FAST = ["experiment=smoke", "logger=none", "quantization=none", "eval=none",
         "trainer.eval_strategy=no", "trainer.max_steps=4", "trainer.save_steps=2"]
 
 
@@ -71,10 +71,10 @@ def train_expecting_one_line(config, capsys) -> str:
     return lines[0]
 
 
-def test_a_callback_failing_after_the_last_step_leaves_the_trained_adapter(tmp_path, monkeypatch, capsys):
+def test_a_callback_failing_after_the_last_step_leaves_the_trained_adapter(tmp_path, monkeypatch, capsys, small_corpus):
     inject_callback(monkeypatch, ExplodingCallback("on_train_end"))
     run_dir = tmp_path / "run"
-    line = train_expecting_one_line(compose([*FAST, f"paths.output_dir={run_dir}"]), capsys)
+    line = train_expecting_one_line(compose([*FAST, *small_corpus, f"paths.output_dir={run_dir}"]), capsys)
 
     assert line == (f"lyra: error: ExplodingCallback.on_train_end failed after the last step (RuntimeError: boom in "
                     f"on_train_end); adapter saved in {run_dir / 'adapter'}; rerun the same command to resume from "
@@ -88,10 +88,10 @@ def test_a_callback_failing_after_the_last_step_leaves_the_trained_adapter(tmp_p
     assert load_run(run_dir).adapter == "adapter"
 
 
-def test_a_callback_failing_mid_training_leaves_the_adapter_as_interrupted(tmp_path, monkeypatch, capsys):
+def test_a_callback_failing_mid_training_leaves_the_adapter_as_interrupted(tmp_path, monkeypatch, capsys, small_corpus):
     inject_callback(monkeypatch, ExplodingCallback("on_step_end", step=3))
     run_dir = tmp_path / "run"
-    line = train_expecting_one_line(compose([*FAST, f"paths.output_dir={run_dir}"]), capsys)
+    line = train_expecting_one_line(compose([*FAST, *small_corpus, f"paths.output_dir={run_dir}"]), capsys)
 
     assert line.startswith("lyra: error: ExplodingCallback.on_step_end failed at step 3 (RuntimeError: boom in ")
     assert f"adapter saved in {run_dir / INTERRUPTED_DIR}; rerun the same command to resume from checkpoint-2" in line
@@ -102,13 +102,13 @@ def test_a_callback_failing_mid_training_leaves_the_adapter_as_interrupted(tmp_p
     assert not (run_dir / "adapter").exists()
 
 
-def test_a_failure_before_the_first_step_saves_nothing_that_would_block_the_rerun(tmp_path, monkeypatch):
+def test_a_failure_before_the_first_step_saves_nothing_that_would_block_the_rerun(tmp_path, monkeypatch, small_corpus):
     from lyra.checkpointing import resolve_resume
     from lyra.train import train
 
     inject_callback(monkeypatch, ExplodingCallback("on_train_begin"))
     run_dir = tmp_path / "run"
-    config = compose([*FAST, f"paths.output_dir={run_dir}"])
+    config = compose([*FAST, *small_corpus, f"paths.output_dir={run_dir}"])
     with pytest.raises(RunFailed) as error:
         train(config)
     assert str(error.value) == ("ExplodingCallback.on_train_begin failed before the first step (RuntimeError: boom in "
@@ -117,7 +117,7 @@ def test_a_failure_before_the_first_step_saves_nothing_that_would_block_the_reru
     assert resolve_resume("auto", False, run_dir, config.lora) is None  # the same command starts afresh
 
 
-def test_disk_full_while_writing_metrics_keeps_the_saved_adapter(tmp_path, monkeypatch, capsys):
+def test_disk_full_while_writing_metrics_keeps_the_saved_adapter(tmp_path, monkeypatch, capsys, small_corpus):
     run_dir = tmp_path / "run"
     write_text = Path.write_text
 
@@ -127,7 +127,7 @@ def test_disk_full_while_writing_metrics_keeps_the_saved_adapter(tmp_path, monke
         return write_text(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", full_disk)
-    line = train_expecting_one_line(compose([*FAST, f"paths.output_dir={run_dir}"]), capsys)
+    line = train_expecting_one_line(compose([*FAST, *small_corpus, f"paths.output_dir={run_dir}"]), capsys)
 
     assert line.startswith("lyra: error: full_disk failed after training (OSError: [Errno 28] No space left on device)")
     assert f"the trained adapter is saved in {run_dir / 'adapter'}" in line
@@ -135,7 +135,7 @@ def test_disk_full_while_writing_metrics_keeps_the_saved_adapter(tmp_path, monke
     assert not (run_dir / "metrics.json").exists()
 
 
-def test_a_failing_wandb_finish_keeps_the_saved_adapter(tmp_path, monkeypatch):
+def test_a_failing_wandb_finish_keeps_the_saved_adapter(tmp_path, monkeypatch, small_corpus):
     import lyra.tracking
     from lyra.train import train
 
@@ -145,7 +145,7 @@ def test_a_failing_wandb_finish_keeps_the_saved_adapter(tmp_path, monkeypatch):
     monkeypatch.setattr(lyra.tracking, "finish_run", broken_finish)
     run_dir = tmp_path / "run"
     with pytest.raises(RunFailed) as error:
-        train(compose([*FAST, f"paths.output_dir={run_dir}"]))
+        train(compose([*FAST, *small_corpus, f"paths.output_dir={run_dir}"]))
     assert str(error.value).startswith("broken_finish failed after training (ConnectionError: W&B service went away)")
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 4
@@ -157,10 +157,10 @@ REGEX = r".*\.(q_proj|v_proj)"
 
 
 @pytest.mark.parametrize("value", ["all-linear", f"'{REGEX}'", "[q_proj,o_proj]"])
-def test_target_modules_takes_every_form_peft_accepts(tmp_path, value):
+def test_target_modules_takes_every_form_peft_accepts(tmp_path, value, small_corpus):
     from lyra.train import train
 
-    metrics = train(compose([*FAST, "trainer.max_steps=1", f"lora.target_modules={value}",
+    metrics = train(compose([*FAST, *small_corpus, "trainer.max_steps=1", f"lora.target_modules={value}",
                              f"paths.output_dir={tmp_path / 'run'}"]))
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     expected = {"all-linear": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
