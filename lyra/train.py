@@ -1,6 +1,8 @@
 """Train a LoRA adapter on a (4-bit) Qwen3 base: the one entrypoint of lyra.
 
-    python -m lyra.train                                  # QLoRA on Qwen/Qwen3-0.6B, embedded corpus
+    python -m lyra.train                                  # QLoRA on Qwen/Qwen3-0.6B, the default persona
+    python -m lyra.train persona=lyra_en                  # another persona (conf/persona/)
+    python -m lyra.train --config-dir my_conf persona=mara  # your own: my_conf/persona/mara.yaml
     python -m lyra.train experiment=smoke                 # tiny offline model on CPU, < 1 minute
     python -m lyra.train lora.r=16 lora.lora_alpha=32     # any key of conf/ can be overridden
     python -m lyra.train --cfg job                        # print the composed config
@@ -27,12 +29,12 @@ from lyra.config import validate, validate_max_length
 from lyra.data import build_datasets
 from lyra.distributed import finish_process_group, rank_aware_argv
 from lyra.errors import UserError, exit_on_user_error
-from lyra.evaluate import PersonaProbeCallback
 from lyra.modeling import (apply_lora, build_model, build_quantization, build_tokenizer, count_parameters,
                            resolve_dtype)
+from lyra.probes import PersonaProbeCallback
 from lyra.secrets import protect_run, scrub, scrub_config
 from lyra.sweep import run_job
-from lyra.tracking import WandbLogCallback, finish_run, start_run
+from lyra.tracking import WandbLogCallback, closed_on_failure, finish_run, start_run
 from lyra.trainer import build_trainer
 
 log = logging.getLogger("lyra.train")
@@ -99,42 +101,44 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     args = build_training_args(cfg.trainer, run_dir, dtype, has_eval=splits.eval is not None)
     wandb_run = start_run(cfg, run_dir) if args.process_index == 0 else None
-    probes = PersonaProbeCallback(cfg.get("eval"), cfg.data.system_prompt, wandb_run)  # eval=none: no-op
-    # supervised-only logits + dynamic padding / padding-free (lyra.trainer)
-    trainer = build_trainer(model, args, tokenizer, splits.train, splits.eval, cfg.data.padding_free,
-                            callbacks=([WandbLogCallback(wandb_run)] if wandb_run else []) + [probes])
+    with closed_on_failure(wandb_run):  # a job that raises leaves no run open (sweeps go on in-process)
+        # persona probes at evaluations, counted in the persona's words; eval=none: a no-op
+        probes = PersonaProbeCallback(cfg.get("eval"), cfg.persona, cfg.data.system_prompt, wandb_run)
+        # supervised-only logits + dynamic padding / padding-free (lyra.trainer)
+        trainer = build_trainer(model, args, tokenizer, splits.train, splits.eval, cfg.data.padding_free,
+                                callbacks=([WandbLogCallback(wandb_run)] if wandb_run else []) + [probes])
 
-    with guard_training(trainer, run_dir, cfg):  # atomic checkpoints; SIGINT/SIGTERM/OOM keep the adapter
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        with guard_training(trainer, run_dir, cfg):  # atomic checkpoints; SIGINT/SIGTERM/OOM keep the adapter
+            result = trainer.train(resume_from_checkpoint=resume_from)
 
-    metrics: dict[str, Any] = {
-        "train_loss": result.training_loss,
-        "final_train_loss": last_logged(trainer.state.log_history, "loss"),
-        "global_step": trainer.state.global_step,
-        "train_runtime": result.metrics["train_runtime"],
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "tokens_per_second": trainer.state.num_input_tokens_seen / result.metrics["train_runtime"],
-        "trainable_params": trainable_params,
-        "total_params": total_params,
-        "train_examples": len(splits.train),
-        "dropped_turns": splits.train_stats.dropped_turns,
-        "skipped_conversations": splits.skipped,  # invalid ones, under data.on_invalid=skip
-        "world_size": args.world_size,
-    }
-    if splits.eval is not None:
-        final_eval = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
-        metrics["eval_loss"] = final_eval[-1]["eval_loss"] if final_eval else trainer.evaluate()["eval_loss"]
-    metrics.update(probes.metrics)  # final persona metrics: sweeps can rank by them
-    metrics["peak_memory_bytes"] = peak_memory_bytes()
+        metrics: dict[str, Any] = {
+            "train_loss": result.training_loss,
+            "final_train_loss": last_logged(trainer.state.log_history, "loss"),
+            "global_step": trainer.state.global_step,
+            "train_runtime": result.metrics["train_runtime"],
+            "tokens_seen": int(trainer.state.num_input_tokens_seen),
+            "tokens_per_second": trainer.state.num_input_tokens_seen / result.metrics["train_runtime"],
+            "trainable_params": trainable_params,
+            "total_params": total_params,
+            "train_examples": len(splits.train),
+            "dropped_turns": splits.train_stats.dropped_turns,
+            "skipped_conversations": splits.skipped,  # invalid ones, under data.on_invalid=skip
+            "world_size": args.world_size,
+        }
+        if splits.eval is not None:
+            final_eval = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
+            metrics["eval_loss"] = final_eval[-1]["eval_loss"] if final_eval else trainer.evaluate()["eval_loss"]
+        metrics.update(probes.metrics)  # final persona metrics: sweeps can rank by them
+        metrics["peak_memory_bytes"] = peak_memory_bytes()
 
-    if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(run_dir / "adapter")
-        tokenizer.save_pretrained(run_dir / "adapter")
-        OmegaConf.save(scrub_config(cfg), run_dir / "resolved_config.yaml")
-        trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
-        (run_dir / "metrics.json").write_text(json.dumps(scrub(metrics), indent=2) + "\n")
-        log.info("adapter, tokenizer and metrics saved in %s", run_dir)
-    finish_run(wandb_run, metrics)
+        if trainer.is_world_process_zero():
+            trainer.model.save_pretrained(run_dir / "adapter")
+            tokenizer.save_pretrained(run_dir / "adapter")
+            OmegaConf.save(scrub_config(cfg), run_dir / "resolved_config.yaml")
+            trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
+            (run_dir / "metrics.json").write_text(json.dumps(scrub(metrics), indent=2) + "\n")
+            log.info("adapter, tokenizer and metrics saved in %s", run_dir)
+    finish_run(wandb_run, metrics, adapter_dir=run_dir / "adapter" if cfg.logger and cfg.logger.log_adapter else None)
     finish_process_group()  # accelerate/torchrun: no rank exits before rank 0 has saved
     return metrics
 

@@ -1,4 +1,4 @@
-"""lyra.chat and lyra.runs: think stripping, training/chat token identity, history budget, generation,
+"""lyra.chat, lyra.generation and lyra.runs: think stripping, training/chat token identity, history budget, generation,
 loading a run dir, and the chat CLI (in-process where possible, subprocesses for real stdin/exit codes).
 """
 
@@ -15,8 +15,9 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT, compose
-from lyra.chat import (ThinkFilter, build_prompt_ids, chat, check_generation, fit_prompt, generate_replies,
-                       generate_response, generation_config, stream_response, strip_think)
+from lyra.chat import chat
+from lyra.generation import (ThinkFilter, build_prompt_ids, check_generation, fit_prompt, generate_replies,
+                             generate_response, generation_config, stream_response, strip_think)
 from lyra.data.tokenization import encode_turn, with_system_prompt
 from lyra.errors import UserError
 
@@ -164,7 +165,7 @@ def test_generation_stops_at_either_end_token(loaded):
 
 
 def test_batched_generation_sees_each_prompt_as_if_alone(loaded):
-    from lyra.chat import left_padded
+    from lyra.generation import left_padded
 
     tokenizer = loaded.tokenizer
     short = build_prompt_ids("你好", tokenizer, system_prompt=loaded.system_prompt)

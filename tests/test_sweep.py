@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from lyra import compare
 from lyra.errors import UserError
-from lyra.evaluate import PERSONA_METRICS
+from lyra.probes import PERSONA_METRICS
 from lyra.sweep import check_objective, objective_value, swept_keys, worst_value
 from lyra.tracking import run_name
 
@@ -127,7 +127,7 @@ def test_compare_ranks_a_sweep_and_a_mixture(grid_sweep, capsys, tmp_path):
     best = min(losses, key=losses.get)
     assert rows[0].split()[1] == best and f"{losses[best]:.4f}" in rows[0]
     assert {"r=4", "r=8"} <= {row.split()[3] for row in rows}
-    assert "master_rate" in out.splitlines()[0]  # persona metrics get their own columns
+    assert "address_rate" in out.splitlines()[0]  # persona metrics get their own columns
     csv_rows = (tmp_path / "compare.csv").read_text().splitlines()
     assert csv_rows[0].startswith("rank,run,status,overrides,lora.r,eval_loss") and len(csv_rows) == 4
     png = (tmp_path / "compare.png").read_bytes()
