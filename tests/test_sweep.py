@@ -105,6 +105,7 @@ def test_grid_sweep_wandb_runs_share_a_group_and_carry_swept_values(grid_sweep):
         assert config["lora"]["r"] == r and config["trainer"]["max_steps"] == 2  # nested, resolved
         assert config["paths"]["output_dir"] == str((sweep / job).resolve())
         assert f"lora-r{r}" in run["tags"] and "tiny_qwen3" in run["tags"] and "4bit" in run["tags"]
+        assert "persona-萊拉" in run["tags"] and "lang-zh-TW" in run["tags"]  # the persona the job trained
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         for key in ("eval_loss", "final_train_loss", "trainable_params", "peak_memory_bytes", "tokens_per_second",
                     *PERSONA_METRICS):  # smoke runs two persona probes at the last step
