@@ -239,13 +239,13 @@ def test_chat_session_multi_turn_reset_and_eof(smoke_run, loaded, monkeypatch):
     from lyra import chat as chat_module
 
     seen = []
-    real_stream = chat_module.stream_response
+    real_fit = chat_module.fit_prompt
 
-    def spy(prompt_text, model, tokenizer, history=None, *args, **kwargs):
+    def spy(prompt_text, tokenizer, history, *args, **kwargs):  # every turn's prompt is fitted, then streamed
         seen.append((prompt_text, [m["content"] for m in history]))
-        return real_stream(prompt_text, model, tokenizer, history, *args, **kwargs)
+        return real_fit(prompt_text, tokenizer, history, *args, **kwargs)
 
-    monkeypatch.setattr(chat_module, "stream_response", spy)
+    monkeypatch.setattr(chat_module, "fit_prompt", spy)
     stdout, stderr = io.StringIO(), io.StringIO()
     chat(_chat_cfg(smoke_run), stdin=io.StringIO("你好\n\n我今天有點累\n/reset\n晚安\n"), stdout=stdout, stderr=stderr, run=loaded)
     out = stdout.getvalue()

@@ -271,3 +271,17 @@ def test_example_persona_trains_from_outside_the_repo_and_chats_and_serves_under
     page = build_page(web_chat, page_title(run.persona, web_cfg.title), gr)
     header = next(block for block in page.blocks.values() if getattr(block, "elem_id", None) == "lyra-header")
     assert page.title == "Mara · lyra" and header.value.startswith("# Mara\n")
+
+
+def test_think_filter_is_a_no_op_for_templates_without_think_tags(tokenizer):
+    from types import SimpleNamespace
+
+    from lyra.generation import ThinkFilter, uses_think_tags
+
+    assert uses_think_tags(tokenizer)  # Qwen3
+    chatml = SimpleNamespace(chat_template="{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                                           "<|im_end|>\n{% endfor %}")
+    assert not uses_think_tags(chatml)  # SmolLM2-style ChatML: a literal "<think>" is just text
+    think = ThinkFilter(enabled=False)
+    raw = "  Use <think> tags like <this>, Master </thi"
+    assert "".join(think.feed(chunk) for chunk in (raw[:9], raw[9:20], raw[20:])) + think.finish() == raw.strip()
