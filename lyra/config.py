@@ -29,6 +29,45 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+PERSONA_TEXT_KEYS = ("name", "user_address", "system_prompt")
+PERSONA_FILE_KEYS = ("train_file", "eval_file", "probes_file")
+PERSONA_OPTIONAL_FILES = ("eval_file",)  # null = no eval split
+PERSONA_LABEL_KEYS = ("user_label", "bot_label")  # optional; null = "You: " / "<name>: "
+
+
+def validate_persona(persona: DictConfig | None) -> None:
+    """The persona group (conf/persona/ or the user's --config-dir): every key present, every file there."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    from lyra.probes import LANGUAGES
+
+    _require(persona is not None and OmegaConf.is_dict(persona), "persona",
+             "is required: persona=NAME picks conf/persona/NAME.yaml (your own: --config-dir DIR persona=NAME)")
+    for key in (*PERSONA_TEXT_KEYS, "language", *PERSONA_FILE_KEYS):
+        _require(key in persona and not OmegaConf.is_missing(persona, key), f"persona.{key}",
+                 "missing from the persona file (every persona sets name, user_address, system_prompt, "
+                 "language, train_file, eval_file, probes_file)")
+    try:
+        values = {key: persona[key] for key in (*PERSONA_TEXT_KEYS, "language", *PERSONA_FILE_KEYS,
+                                                *(k for k in PERSONA_LABEL_KEYS if k in persona))}
+    except InterpolationResolutionError as error:
+        raise UserError("persona", f"cannot resolve a value: {error}".splitlines()[0]) from None
+    for key in PERSONA_TEXT_KEYS:
+        _require(isinstance(values[key], str) and values[key].strip() != "", f"persona.{key}",
+                 f"must be a non-empty string, got {values[key]!r}")
+    _require(values["language"] in LANGUAGES, "persona.language",
+             f"must be one of {', '.join(LANGUAGES)}, got {values['language']!r}")
+    for key in PERSONA_LABEL_KEYS:
+        value = values.get(key)
+        _require(value is None or isinstance(value, str), f"persona.{key}", f"must be a string or null, got {value!r}")
+    for key in PERSONA_FILE_KEYS:
+        if values[key] is None and key in PERSONA_OPTIONAL_FILES:
+            continue
+        _require(isinstance(values[key], str) and values[key] != "", f"persona.{key}",
+                 f"must be a path (relative to where you launch), got {values[key]!r}")
+        _check_file(persona, key, name=f"persona.{key}")
+
+
 def _check_missing(cfg: DictConfig) -> None:
     for key in ("data.train_file",):
         try:
@@ -37,13 +76,14 @@ def _check_missing(cfg: DictConfig) -> None:
             raise UserError(key, "is required with data=jsonl (e.g. data.train_file=my_chats.jsonl)") from None
 
 
-def _check_file(cfg: DictConfig, key: str) -> None:
+def _check_file(cfg: DictConfig, key: str, name: str | None = None) -> None:
     value = OmegaConf.select(cfg, key)
     if value is None:
         return
+    name = name or key
     path = resolve_user_path(value)
-    _require(path.is_file(), key, f"file not found: {path}")
-    _require(path.stat().st_size > 0 and _has_content(path), key, f"file is empty: {path}")
+    _require(path.is_file(), name, f"file not found: {path}")
+    _require(path.stat().st_size > 0 and _has_content(path), name, f"file is empty: {path}")
 
 
 def _has_content(path: Path) -> bool:
@@ -109,6 +149,7 @@ def _check_target_modules(target_modules) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Refuse bad values with one line naming the key and the allowed range."""
+    validate_persona(cfg.get("persona"))  # first: data's files and system prompt default to the persona's
     _check_missing(cfg)
     _require(isinstance(cfg.resume, str) and cfg.resume.strip() != "", "resume",
              f"must be auto, never, or the path of a run dir or checkpoint, got {cfg.resume!r}")
@@ -144,8 +185,8 @@ def validate(cfg: DictConfig) -> None:
         problem = bitsandbytes_problem()
         _require(problem is None, "quantization",
                  f"4-bit needs bitsandbytes>=0.47 ({problem}); `pip install -U bitsandbytes` or use quantization=none")
-    from lyra.evaluate import validate_probes  # the eval group (persona probes); eval=none passes. Imports
-    validate_probes(cfg.get("eval"))  # transformers' Trainer stack, so it runs after the cheaper checks
+    from lyra.probes import validate_probes  # the eval group (persona probes); eval=none passes. Imports
+    validate_probes(cfg.get("eval"), cfg.persona)  # transformers' Trainer stack: after the cheaper checks
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():  # API callers (tests, notebooks) choose their dir themselves

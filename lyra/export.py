@@ -1,4 +1,4 @@
-"""Ship Lyra: merge a run's LoRA adapter into its base model and save a standalone model.
+"""Ship a trained persona: merge a run's LoRA adapter into its base model and save a standalone model.
 
     python -m lyra.export run_dir=outputs/2026-01-01/12-00-00 output_dir=lyra-merged
     python -m lyra.export run_dir=R output_dir=M adapter=checkpoints/checkpoint-50 dtype=float32
@@ -13,7 +13,7 @@ sampling settings. It loads with plain transformers, no peft:
     tokenizer = AutoTokenizer.from_pretrained("lyra-merged")
 
 With embed_system_prompt=true (default) the saved chat template adds the run's system prompt to
-any chat that has none, so `apply_chat_template` gives exactly the prompts Lyra was trained on.
+any chat that has none, so `apply_chat_template` gives exactly the prompts the run was trained on.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def check_output_dir(output_dir: Path, run_dir: Path, overwrite: bool) -> None:
 
 def export(cfg: DictConfig) -> Path:
     """Merge and save; returns the output dir. Writes nothing but output_dir."""
-    from lyra.chat import check_generation, generation_config
+    from lyra.generation import check_generation, generation_config
     from lyra.modeling import build_model, training_device
     from lyra.runs import (adapter_dir, apply_adapter, check_adapter_base, load_run_config, load_run_tokenizer,
                            run_dir_path)

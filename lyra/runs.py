@@ -6,7 +6,7 @@
     run = load_run(run_dir, adapter="checkpoints/checkpoint-50")
 
 A run dir is what `python -m lyra.train` writes: `resolved_config.yaml` (the config with every
-interpolation resolved, so the base model, quantization and system prompt match what was trained;
+interpolation resolved, so the base model, quantization, persona and system prompt match what was trained;
 `.hydra/config.yaml` still holds unresolved `${...}`) and `adapter/` (adapter weights, tokenizer,
 chat template). Used by `lyra.chat`, `lyra.export`, `lyra.evaluate` and the web UI.
 """
@@ -30,6 +30,7 @@ RUN_CONFIG = "resolved_config.yaml"
 DEFAULT_ADAPTER = "adapter"
 NO_ADAPTER = "none"
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+DEFAULT_PERSONA = "lyra"  # what runs from before the persona group were trained with
 
 
 @dataclass
@@ -42,6 +43,7 @@ class LoadedRun:
     system_prompt: str
     run_dir: Path
     adapter: str = DEFAULT_ADAPTER  # what was applied: a path relative to run_dir, or "none"
+    persona: DictConfig | None = None  # the run's persona (run_persona): name, labels, language, probes
 
 
 def configure_cli_logging(level: int = logging.INFO) -> None:
@@ -80,6 +82,42 @@ def load_run_config(run_dir: Path) -> DictConfig:
         if key not in cfg:
             raise UserError("run_dir", f"{run_dir / RUN_CONFIG} has no `{key}` section; is it a lyra run?")
     return cfg
+
+
+def launch_dir(run_dir: Path) -> Path | None:
+    """Where the training was launched (Hydra records it), to resolve the run's relative paths."""
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        return None
+    return Path(OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd", default=None) or run_dir)
+
+
+def default_persona() -> DictConfig:
+    """The shipped default persona (conf/persona/<DEFAULT_PERSONA>.yaml), resolved."""
+    path = Path(__file__).parent / "conf" / "persona" / f"{DEFAULT_PERSONA}.yaml"
+    return OmegaConf.create(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+
+
+def run_persona(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The persona the run was trained with, its relative file paths made absolute (launch dir).
+
+    Runs trained before personas existed have no `persona` key: they get the default persona,
+    with the run's own system prompt, and a logged note.
+    """
+    if "persona" in cfg and cfg.persona is not None:
+        persona = OmegaConf.create(OmegaConf.to_container(cfg.persona, resolve=True))
+    else:
+        persona = default_persona()
+        if cfg.data.get("system_prompt"):
+            persona.system_prompt = cfg.data.system_prompt
+        log.warning("%s has no persona (trained before persona configs): using the default persona %r",
+                    run_dir / RUN_CONFIG, DEFAULT_PERSONA)
+    origin = launch_dir(run_dir)
+    for key in ("train_file", "eval_file", "probes_file"):
+        value = persona.get(key)
+        if value and not Path(value).expanduser().is_absolute() and origin is not None:
+            persona[key] = str(origin / value)
+    return persona
 
 
 def adapter_dir(run_dir: Path, adapter: str | None) -> Path | None:
@@ -177,4 +215,5 @@ def load_run(run_dir: str | Path, adapter: str = DEFAULT_ADAPTER, device: str | 
         model = apply_adapter(model, adapter_path)
     log.info("loaded %s with %s", cfg.model.name_or_path, adapter_path or "no adapter")
     return LoadedRun(model=model, tokenizer=tokenizer, cfg=cfg, system_prompt=cfg.data.get("system_prompt") or "",
-                     run_dir=path, adapter=str(adapter) if adapter_path is not None else NO_ADAPTER)
+                     run_dir=path, adapter=str(adapter) if adapter_path is not None else NO_ADAPTER,
+                     persona=run_persona(cfg, path))

@@ -6,7 +6,7 @@
 
 `run_job` is what `lyra.train.main` returns to Hydra: the job's objective value (for the Optuna
 sweeper). In a multirun, a failing job (a bad value, out of memory, ...) is recorded in
-`<job_dir>/failed.json`, its W&B run is marked failed, and the job returns the worst possible
+`<job_dir>/failed.json`, its W&B run is marked failed (by lyra.train, which owns the run), and the job returns the worst possible
 value instead of raising: Hydra 1.3's basic sweeper re-raises the first failure after the batch
 (so no summary is written) and `sys.exit` from a user error would end the sweep on the spot.
 
@@ -118,14 +118,11 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> f
     if not is_multirun():
         metrics = train(cfg)
         return metrics.get(cfg.objective.metric)
-    from lyra.tracking import fail_active_run
-
     try:
         return objective_value(train(cfg), cfg.objective)
     except Exception as error:  # noqa: BLE001 - any failure of one job must leave the sweep running
         job_dir = Path(cfg.paths.output_dir).resolve()
-        record_failure(job_dir, error, task_overrides())
-        fail_active_run(error)
+        record_failure(job_dir, error, task_overrides())  # its W&B run is already closed as failed (lyra.train)
         prefix = "lyra: error: " if isinstance(error, UserError) else f"lyra: job failed: {type(error).__name__}: "
         print(f"{prefix}{error} [{job_dir / FAILED_FILE}]", file=sys.stderr, flush=True)
         log.error("job failed (%s: %s); the sweep goes on", type(error).__name__, error)
@@ -165,7 +162,7 @@ class SweepSummary(Callback):
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from lyra.compare import collect_runs, format_table, rank_runs
+        from lyra.results import collect_runs, format_table, rank_runs
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         metric, direction = config.objective.metric, config.objective.direction

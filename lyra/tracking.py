@@ -17,9 +17,11 @@ and browsed locally with `wandb leet <run_dir>/wandb` (or `wandb leet <sweep_dir
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import netrc
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,19 +81,18 @@ def hydra_job_identity(run_dir: Path) -> tuple[str | None, str]:
 
 
 def run_tags(cfg: DictConfig) -> list[str]:
-    """The configured tags plus the model and the adapter's shape, for dashboard filters."""
+    """The configured tags plus the model, the adapter's shape and the persona, for dashboard filters."""
     generated = [Path(str(cfg.model.name_or_path)).name, f"lora-r{cfg.lora.r}",
                  "4bit" if cfg.quantization.get("load_in_4bit") else "full-precision"]
+    persona = cfg.get("persona")
+    if persona:
+        generated += [f"persona-{persona.name}", f"lang-{persona.language}"]
     return list(dict.fromkeys([*map(str, cfg.logger.tags), *generated]))
 
 
 # wandb stages logged tables/artifacts under WANDB_DATA_DIR (default ~/.local/share/wandb) until they
 # are uploaded; lyra points it into the job's own wandb/ dir unless the user chose a location.
 _USER_DATA_DIR = os.environ.get("WANDB_DATA_DIR")
-
-# The run this process is tracking: finish_run logs its adapter, fail_active_run closes it when a
-# sweep job dies half-way (lyra.sweep), so the next job of the same process starts clean.
-_active: dict[str, Any] = {}
 
 
 def start_run(cfg: DictConfig, run_dir: Path, job_type: str = "train"):
@@ -119,8 +120,6 @@ def start_run(cfg: DictConfig, run_dir: Path, job_type: str = "train"):
         reinit="create_new",
         settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
     )
-    _active.clear()
-    _active.update(run=run, adapter_dir=run_dir / "adapter" if cfg.logger.log_adapter else None)
     if mode == "offline":
         log.info("W&B is offline (no API key); upload later with: wandb sync %s", run.dir.rsplit("/files", 1)[0])
     return run
@@ -138,24 +137,36 @@ def log_adapter(run, adapter_dir: Path) -> None:
     run.log_artifact(artifact, aliases=["latest"])
 
 
-def finish_run(run, summary: dict[str, Any]) -> None:
+def finish_run(run, summary: dict[str, Any], adapter_dir: Path | None = None) -> None:
+    """Close a completed run with the job's metrics as its summary; adapter_dir: upload it (logger.log_adapter)."""
     if run is None:
         return
     run.summary.update({**summary, "status": "completed"})
-    if _active.get("run") is run and _active.get("adapter_dir") is not None:
-        log_adapter(run, _active["adapter_dir"])
-    _active.clear()
+    if adapter_dir is not None:
+        log_adapter(run, adapter_dir)
     run.finish()
 
 
-def fail_active_run(error: BaseException) -> None:
+def fail_run(run, error: BaseException) -> None:
     """Mark the run of a job that raised as failed (exit code 1) and close it."""
-    run = _active.pop("run", None)
-    _active.clear()
     if run is None:
         return
     run.summary.update({"status": "failed", "error": f"{type(error).__name__}: {error}"})
     run.finish(exit_code=1)
+
+
+@contextlib.contextmanager
+def closed_on_failure(run) -> Iterator[Any]:
+    """Yield `run`; if the block raises, mark it failed and close it before the error propagates.
+
+    A sweep job that dies half-way (lyra.sweep keeps the sweep going) thus never leaves its run
+    open for the next job of the same process.
+    """
+    try:
+        yield run
+    except BaseException as error:
+        fail_run(run, error)
+        raise
 
 
 class WandbLogCallback(TrainerCallback):

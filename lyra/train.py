@@ -1,6 +1,8 @@
 """Train a LoRA adapter on a (4-bit) Qwen3 base: the one entrypoint of lyra.
 
-    python -m lyra.train                                  # QLoRA on Qwen/Qwen3-0.6B, embedded corpus
+    python -m lyra.train                                  # QLoRA on Qwen/Qwen3-0.6B, the default persona
+    python -m lyra.train persona=lyra_en                  # another persona (conf/persona/)
+    python -m lyra.train --config-dir my_conf persona=mara  # your own: my_conf/persona/mara.yaml
     python -m lyra.train experiment=smoke                 # tiny offline model on CPU, < 1 minute
     python -m lyra.train lora.r=16 lora.lora_alpha=32     # any key of conf/ can be overridden
     python -m lyra.train --cfg job                        # print the composed config
@@ -75,8 +77,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from transformers import set_seed
 
     from lyra.checkpointing import guard_training, keep_adapter_after_training, resolve_resume, save_adapter
-    from lyra.evaluate import PersonaProbeCallback
-    from lyra.tracking import WandbLogCallback, finish_run, start_run
+    from lyra.probes import PersonaProbeCallback
+    from lyra.tracking import WandbLogCallback, closed_on_failure, finish_run, start_run
     from lyra.trainer import build_trainer
 
     run_dir = Path(cfg.paths.output_dir).resolve()
@@ -104,25 +106,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if args.process_index == 0:  # written first, so whatever adapter this run leaves can be loaded
         OmegaConf.save(scrub_config(cfg), run_dir / "resolved_config.yaml")
     wandb_run = start_run(cfg, run_dir) if args.process_index == 0 else None
-    probes = PersonaProbeCallback(cfg.get("eval"), cfg.data.system_prompt, wandb_run)  # eval=none: no-op
-    # supervised-only logits + dynamic padding / padding-free (lyra.trainer)
-    trainer = build_trainer(model, args, tokenizer, splits.train, splits.eval, cfg.data.padding_free,
-                            callbacks=([WandbLogCallback(wandb_run)] if wandb_run else []) + [probes])
+    with closed_on_failure(wandb_run):  # a job that raises leaves no run open (sweeps go on in-process)
+        # persona probes at evaluations, counted in the persona's words; eval=none: a no-op
+        probes = PersonaProbeCallback(cfg.get("eval"), cfg.persona, cfg.data.system_prompt, wandb_run)
+        # supervised-only logits + dynamic padding / padding-free (lyra.trainer)
+        trainer = build_trainer(model, args, tokenizer, splits.train, splits.eval, cfg.data.padding_free,
+                                callbacks=([WandbLogCallback(wandb_run)] if wandb_run else []) + [probes])
 
-    with guard_training(trainer, run_dir, cfg):  # atomic checkpoints; signals, OOM and crashes keep the adapter
-        result = trainer.train(resume_from_checkpoint=resume_from)
-    adapter_dir = run_dir / "adapter"
-    if trainer.is_world_process_zero():
-        save_adapter(trainer, adapter_dir)  # first: nothing after this line can cost the trained weights
-        log.info("adapter and tokenizer saved in %s", adapter_dir)
-
-    with keep_adapter_after_training(run_dir, adapter_dir):  # a failure below: one line, exit 1
-        metrics = collect_metrics(trainer, result, splits, probes, args, trainable_params, total_params)
+        with guard_training(trainer, run_dir, cfg):  # atomic checkpoints; signals, OOM and crashes keep the adapter
+            result = trainer.train(resume_from_checkpoint=resume_from)
+        adapter_dir = run_dir / "adapter"
         if trainer.is_world_process_zero():
-            trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
-            (run_dir / "metrics.json").write_text(json.dumps(scrub(metrics), indent=2) + "\n")
-            log.info("metrics saved in %s", run_dir / "metrics.json")
-        finish_run(wandb_run, metrics)
+            save_adapter(trainer, adapter_dir)  # first: nothing after this line can cost the trained weights
+            log.info("adapter and tokenizer saved in %s", adapter_dir)
+
+        with keep_adapter_after_training(run_dir, adapter_dir):  # a failure below: one line, exit 1
+            metrics = collect_metrics(trainer, result, splits, probes, args, trainable_params, total_params)
+            if trainer.is_world_process_zero():
+                trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
+                (run_dir / "metrics.json").write_text(json.dumps(scrub(metrics), indent=2) + "\n")
+                log.info("metrics saved in %s", run_dir / "metrics.json")
+            finish_run(wandb_run, metrics, adapter_dir=adapter_dir if cfg.logger and cfg.logger.log_adapter else None)
     finish_process_group()  # accelerate/torchrun: no rank exits before rank 0 has saved
     return metrics
 

@@ -1,12 +1,13 @@
-"""A web chat page for a trained Lyra (Gradio), with the base model beside her for comparison.
+"""A web chat page for a trained persona (Gradio), with the base model beside it for comparison.
 
     pip install -e '.[web]'
     python -m lyra.web run_dir=outputs/2026-01-01/12-00-00          # http://127.0.0.1:7860
     python -m lyra.web run_dir=R server_port=8080 generation.temperature=0.3
     python -m lyra.web run_dir=R server_name=0.0.0.0                # your network can reach it (no login!)
 
-The page streams Lyra's replies through the terminal chat's own path (`lyra.chat.generate_response`
-with the run's system prompt, think blocks removed), keeps a multi-turn history, has sliders for
+The page is titled with the run's persona name (from its resolved_config.yaml; `title=` overrides
+it) and streams the replies through the terminal chat's own path (lyra.generation's fitted prompt
+and cancellable streamer, the run's system prompt, think blocks removed), keeps a multi-turn history, has sliders for
 temperature / top_p / max_new_tokens, a reset, and an "adapter off" comparison that answers the
 same message with the base model (PEFT's `disable_adapter()` on the one shared model).
 
@@ -18,7 +19,7 @@ flips the adapter off under someone else's reply. Inputs are bounded (`max_input
 Programmatic use, from any machine that reaches the server:
 
     from gradio_client import Client
-    Client("http://127.0.0.1:7860/").predict("你好", [], api_name="/chat")   # -> reply text
+    Client("http://127.0.0.1:7860/").predict("Hello", [], api_name="/chat")   # -> reply text
 
 Gradio never phones home from here: analytics and its version check are off, `share` is false by
 default, and the page loads no fonts or scripts from the web.
@@ -30,8 +31,6 @@ import contextlib
 import json
 import logging
 import os
-import queue
-import re
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,7 +47,6 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "the web page needs Gradio: pip install -e '.[web]'"
 EMPTY_REPLY = "*(empty reply: the model stopped without writing any text)*"  # shown, never fed back
-_NAME_IN_PROMPT = re.compile(r"^\s*(?:你是|You are)\s*([^，,。.\s]+)")
 
 
 def require_gradio():
@@ -73,7 +71,7 @@ class Limits:
 
 def check_web_config(cfg: DictConfig) -> Limits:
     """One line naming the bad key, before the model is loaded."""
-    from lyra.chat import check_generation
+    from lyra.generation import check_generation
 
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise UserError("run_dir", "is required: python -m lyra.web run_dir=<training output dir>")
@@ -108,12 +106,9 @@ def check_port_free(host: str, port: int) -> None:
                                            f"stop the other server or pick another port (null = first free)") from None
 
 
-def persona_name(system_prompt: str, title: str | None = None) -> str:
-    """The page heading: `title` if set, else the name in "你是萊拉（Lyra），…", else Lyra."""
-    if title:
-        return str(title)
-    match = _NAME_IN_PROMPT.match(system_prompt or "")
-    return match.group(1) if match else "Lyra"
+def page_title(persona, title: str | None = None) -> str:
+    """The page heading: `title` if set, else the run's persona name."""
+    return str(title) if title else str(persona.name)
 
 
 def run_summary(run_cfg: DictConfig, run_dir: Path, adapter: str) -> str:
@@ -160,44 +155,6 @@ def plain_history(history: Sequence | None) -> list[dict[str, str]]:
     return messages
 
 
-def _page_streamer(tokenizer, out: queue.Queue, stop: threading.Event):
-    """A transformers streamer that puts clean text deltas on `out` and aborts generate() on `stop`.
-
-    generate() calls `put` once per new token; raising there is the only way to end a running
-    generation early, which frees the model for the next visitor as soon as a reply is abandoned.
-    """
-    from transformers import TextStreamer
-
-    from lyra.chat import ThinkFilter
-
-    think = ThinkFilter()
-
-    class PageStreamer(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            delta = think.feed(text)
-            if delta:
-                out.put(delta)
-
-        def put(self, value) -> None:
-            if stop.is_set():
-                raise _Stopped
-            super().put(value)
-
-    return PageStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-
-class _Stopped(Exception):
-    """The reader went away (Stop, Reset): generation ends at the next token."""
-
-
-@dataclass
-class _Final:
-    text: str
-
-
-_DONE = object()
-
-
 class WebChat:
     """One loaded run shared by every visitor; `stream` yields a growing reply."""
 
@@ -210,7 +167,7 @@ class WebChat:
 
     def settings(self, temperature=None, top_p=None, max_new_tokens=None) -> dict[str, Any]:
         """The generation group with the page's slider values on top, checked like the config."""
-        from lyra.chat import check_generation
+        from lyra.generation import check_generation
 
         settings = dict(self.generation)
         if temperature is not None:
@@ -247,7 +204,7 @@ class WebChat:
         Generation runs in a worker thread that holds the model lock for the whole reply; closing
         this generator (Stop, Reset) stops that worker at its next token.
         """
-        from lyra.chat import context_budget, fit_prompt, generate_response
+        from lyra.generation import context_budget, fit_prompt, stream_reply
 
         message = self.check_message(message)
         settings = self.settings(**generation)
@@ -257,35 +214,18 @@ class WebChat:
         if notify and (fitted.dropped_messages or fitted.cut):
             notify(f"Over {budget} prompt tokens (max_prompt_tokens): " + (
                 "the message was cut" if fitted.cut else f"the oldest {fitted.dropped_messages} messages are left out"))
-        deltas: queue.Queue = queue.Queue()
-        stop = threading.Event()
-        streamer = _page_streamer(tokenizer, deltas, stop)
 
-        def work() -> None:
-            try:
-                with self.lock, self._adapter(adapter):
-                    if not stop.is_set():
-                        deltas.put(_Final(generate_response(fitted.prompt_text, model, tokenizer, fitted.history,
-                                                            system_prompt, streamer=streamer,
-                                                            max_prompt_tokens=budget, **settings)))
-            except _Stopped:
-                log.info("a reply was abandoned (Stop or Reset): generation stopped early")
-            except BaseException as error:  # re-raised in the reader's thread
-                deltas.put(error)
-            finally:
-                deltas.put(_DONE)
+        @contextlib.contextmanager
+        def model_for_this_reply():  # the lock for the whole reply: a comparison never flips another's adapter
+            with self.lock, self._adapter(adapter):
+                yield
 
-        threading.Thread(target=work, daemon=True, name="lyra-web-generate").start()
-        shown = ""
-        try:
-            while (item := deltas.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                # the streamed deltas, then generate_response's own clean reply as the last word
-                shown = item.text if isinstance(item, _Final) else shown + item
-                yield shown
-        finally:
-            stop.set()
+        shown = None
+        for delta in stream_reply(fitted.ids, model, tokenizer, guard=model_for_this_reply, **settings):
+            shown = (shown or "") + delta
+            yield shown
+        if shown is None:  # an empty reply still ends the stream with a value (the page shows EMPTY_REPLY)
+            yield ""
 
     def reply(self, message: str, history: Sequence | None = None, adapter: bool = True, **generation) -> str:
         text = ""
@@ -386,7 +326,7 @@ def build_page(chat: WebChat, title: str, gr):
         def chat_api(message: str, history: list[dict] | None = None, temperature: float | None = None,
                      top_p: float | None = None, max_new_tokens: int | None = None,
                      adapter: bool = True) -> Iterator[str]:
-            """Lyra's reply to `message` after `history` ([{"role", "content"}...]), streamed as it grows.
+            """The persona's reply to `message` after `history` ([{"role", "content"}...]), streamed as it grows.
             adapter=False answers with the base model. Unset knobs use the server's generation config."""
             with shown_on_page(gr):
                 yield from chat.stream(message, history, adapter=adapter, temperature=temperature, top_p=top_p,
@@ -404,7 +344,7 @@ def serve(cfg: DictConfig) -> None:
     limits = check_web_config(cfg)
     run = load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device)
     chat = WebChat(run, OmegaConf.to_container(cfg.generation, resolve=True), limits)
-    page = build_page(chat, persona_name(run.system_prompt, cfg.title), gr)
+    page = build_page(chat, page_title(run.persona, cfg.title), gr)
     page.queue(max_size=limits.max_queue_size, default_concurrency_limit=1)
     page.launch(server_name=cfg.server_name, server_port=cfg.server_port, share=cfg.share, ssr_mode=False,
                 show_error=True, mcp_server=False)

@@ -33,6 +33,8 @@ def compose(overrides: list[str], config_name: str = "train", return_hydra_confi
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    import lyra  # noqa: F401  registers ${lyra.asset:...}, which the persona files use
+
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -1,4 +1,4 @@
-"""lyra.chat and lyra.runs: think stripping, training/chat token identity, history budget, generation,
+"""lyra.chat, lyra.generation and lyra.runs: think stripping, training/chat token identity, history budget, generation,
 loading a run dir, and the chat CLI (in-process where possible, subprocesses for real stdin/exit codes).
 """
 
@@ -15,8 +15,9 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT, compose
-from lyra.chat import (ThinkFilter, build_prompt_ids, chat, check_generation, fit_prompt, generate_replies,
-                       generate_response, generation_config, stream_response, strip_think)
+from lyra.chat import chat
+from lyra.generation import (ThinkFilter, build_prompt_ids, check_generation, fit_prompt, generate_replies,
+                             generate_response, generation_config, stream_response, strip_think)
 from lyra.data.tokenization import encode_turn, with_system_prompt
 from lyra.errors import UserError
 
@@ -164,7 +165,7 @@ def test_generation_stops_at_either_end_token(loaded):
 
 
 def test_batched_generation_sees_each_prompt_as_if_alone(loaded):
-    from lyra.chat import left_padded
+    from lyra.generation import left_padded
 
     tokenizer = loaded.tokenizer
     short = build_prompt_ids("你好", tokenizer, system_prompt=loaded.system_prompt)
@@ -238,13 +239,13 @@ def test_chat_session_multi_turn_reset_and_eof(smoke_run, loaded, monkeypatch):
     from lyra import chat as chat_module
 
     seen = []
-    real_stream = chat_module.stream_response
+    real_fit = chat_module.fit_prompt
 
-    def spy(prompt_text, model, tokenizer, history=None, *args, **kwargs):
+    def spy(prompt_text, tokenizer, history, *args, **kwargs):  # every turn's prompt is fitted, then streamed
         seen.append((prompt_text, [m["content"] for m in history]))
-        return real_stream(prompt_text, model, tokenizer, history, *args, **kwargs)
+        return real_fit(prompt_text, tokenizer, history, *args, **kwargs)
 
-    monkeypatch.setattr(chat_module, "stream_response", spy)
+    monkeypatch.setattr(chat_module, "fit_prompt", spy)
     stdout, stderr = io.StringIO(), io.StringIO()
     chat(_chat_cfg(smoke_run), stdin=io.StringIO("你好\n\n我今天有點累\n/reset\n晚安\n"), stdout=stdout, stderr=stderr, run=loaded)
     out = stdout.getvalue()

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, compose
 
-GROUPS = ["model", "quantization", "lora", "data", "trainer", "logger", "experiment"]
+GROUPS = ["model", "quantization", "lora", "persona", "data", "trainer", "logger", "experiment"]
 
 
 def _options(group: str) -> list[str]:
@@ -38,7 +38,9 @@ def test_default_is_4bit_qwen3_0_6b(tmp_path):
         "bnb_4bit_compute_dtype": "bfloat16",
     }
     assert list(cfg.lora.target_modules) == ["q_proj", "v_proj"]
-    assert cfg.data.train_file is None  # the embedded corpus
+    assert cfg.persona.name == "萊拉" and cfg.persona.language == "zh-TW"  # the default persona
+    assert cfg.data.train_file == cfg.persona.train_file and cfg.data.train_file.endswith("lyra_train.jsonl")
+    assert cfg.data.system_prompt == cfg.persona.system_prompt
     assert cfg.logger.project == "lyra"
 
 

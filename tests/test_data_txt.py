@@ -105,7 +105,7 @@ def test_problems_are_listed_at_their_lines_and_nothing_is_written(tmp_path):
         convert_txt_to_jsonl(source, target)
     assert raised.value.message.splitlines() == [
         f"4 problem(s) in {source}, nothing written:",
-        f"{source}:4: text before any role label; start a message with a label such as 您： or 萊拉： "
+        f"{source}:4: text before any role label; start a message with a label such as user: or assistant: "
         "(or add one with --label LABEL=ROLE)",
         f"{source}:7: conversation has no assistant turn (nothing to learn from)",
         f"{source}:10: empty assistant message",

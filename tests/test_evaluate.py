@@ -1,4 +1,4 @@
-"""lyra.evaluate: persona metric definitions, probe files, the evaluation JSON, the training callback."""
+"""lyra.evaluate and lyra.probes: persona metric definitions, probe files, the evaluation JSON, the training callback."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import math
 import pytest
 
 from conftest import compose
-from lyra.chat import Reply
 from lyra.errors import UserError
-from lyra.evaluate import (PERSONA_METRICS, PersonaProbeCallback, evaluate, load_probes, persona_metrics,
-                           validate_probes)
+from lyra.evaluate import evaluate
+from lyra.generation import Reply
+from lyra.probes import PERSONA_METRICS, PersonaProbeCallback, load_probes, persona_metrics, validate_probes
+
+ZH_PERSONA = {"name": "萊拉", "user_address": "主人", "language": "zh-TW"}
 
 
 def test_persona_metrics_count_what_they_say():
@@ -21,9 +23,9 @@ def test_persona_metrics_count_what_they_say():
         Reply(text="好的，主人", raw="好的，主人<think>未結束", ended_by_eos=True),
         Reply(text="台灣的皇后", raw="台灣的皇后", ended_by_eos=True),  # 台/后 are also Traditional
     ]
-    metrics = persona_metrics(replies)
-    assert metrics == {"think_leak_rate": 0.5, "eos_rate": 0.75, "master_rate": 0.5, "self_name_rate": 0.25,
-                       "simplified_rate": 0.25, "avg_reply_chars": (10 + 8 + 5 + 5) / 4}
+    metrics = persona_metrics(replies, ZH_PERSONA)
+    assert metrics == {"think_leak_rate": 0.5, "eos_rate": 0.75, "address_rate": 0.5, "self_name_rate": 0.25,
+                       "language_rate": 0.75, "simplified_rate": 0.25, "avg_reply_chars": (10 + 8 + 5 + 5) / 4}
     assert list(metrics) == list(PERSONA_METRICS)
 
 
@@ -43,10 +45,11 @@ def test_probe_file_problems_name_file_and_line(tmp_path):
     ("eval.probes_file=/no/such.jsonl", "eval.probes_file: file not found: /no/such.jsonl"),
 ])
 def test_bad_eval_settings_fail_before_training(override, message):
+    cfg = compose(["experiment=smoke", override])
     with pytest.raises(UserError) as error:
-        validate_probes(compose(["experiment=smoke", override]).eval)
+        validate_probes(cfg.eval, cfg.persona)
     assert str(error.value) == message
-    validate_probes(compose(["experiment=smoke", "eval=none"]).get("eval"))  # off: nothing to check
+    validate_probes(compose(["experiment=smoke", "eval=none"]).get("eval"), cfg.persona)  # off: nothing to check
 
 
 HELD_OUT = [
@@ -115,7 +118,7 @@ def test_probe_callback_logs_metrics_and_a_reply_table(smoke_run):
     eval_cfg = compose(["experiment=smoke", "eval.num_probes=2", "eval.probes_every=2",
                         "eval.generation.max_new_tokens=4"]).eval
     recorder = RecordingRun()
-    callback = PersonaProbeCallback(eval_cfg, run.system_prompt, recorder)
+    callback = PersonaProbeCallback(eval_cfg, run.persona, run.system_prompt, recorder)
     state, control = TrainerState(global_step=4), TrainerControl()
     kwargs = {"model": run.model, "processing_class": run.tokenizer}
     callback.on_evaluate(None, state, control, **kwargs)  # 1st evaluation: skipped (every 2nd)

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from lyra import compare
 from lyra.errors import UserError
-from lyra.evaluate import PERSONA_METRICS
+from lyra.probes import PERSONA_METRICS
 from lyra.sweep import check_objective, objective_value, swept_keys, worst_value
 from lyra.tracking import run_name
 
@@ -105,6 +105,7 @@ def test_grid_sweep_wandb_runs_share_a_group_and_carry_swept_values(grid_sweep):
         assert config["lora"]["r"] == r and config["trainer"]["max_steps"] == 2  # nested, resolved
         assert config["paths"]["output_dir"] == str((sweep / job).resolve())
         assert f"lora-r{r}" in run["tags"] and "tiny_qwen3" in run["tags"] and "4bit" in run["tags"]
+        assert "persona-萊拉" in run["tags"] and "lang-zh-TW" in run["tags"]  # the persona the job trained
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         for key in ("eval_loss", "final_train_loss", "trainable_params", "peak_memory_bytes", "tokens_per_second",
                     *PERSONA_METRICS):  # smoke runs two persona probes at the last step
@@ -127,7 +128,7 @@ def test_compare_ranks_a_sweep_and_a_mixture(grid_sweep, capsys, tmp_path):
     best = min(losses, key=losses.get)
     assert rows[0].split()[1] == best and f"{losses[best]:.4f}" in rows[0]
     assert {"r=4", "r=8"} <= {row.split()[3] for row in rows}
-    assert "master_rate" in out.splitlines()[0]  # persona metrics get their own columns
+    assert "address_rate" in out.splitlines()[0]  # persona metrics get their own columns
     csv_rows = (tmp_path / "compare.csv").read_text().splitlines()
     assert csv_rows[0].startswith("rank,run,status,overrides,lora.r,eval_loss") and len(csv_rows) == 4
     png = (tmp_path / "compare.png").read_bytes()

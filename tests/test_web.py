@@ -74,13 +74,14 @@ def test_busy_port_is_one_line_before_loading(tmp_path):
             check_web_config(web_cfg(tmp_path, f"server_port={port}"))
 
 
-def test_persona_name_and_gradio_messages():
-    from lyra.web import EMPTY_REPLY, persona_name, plain_history
+def test_page_title_and_gradio_messages():
+    from omegaconf import OmegaConf
 
-    assert persona_name("你是萊拉（Lyra），一位溫柔的女僕。") == "萊拉（Lyra）"
-    assert persona_name("You are Nova, a pilot.") == "Nova"
-    assert persona_name("請用繁體中文回答。") == "Lyra"
-    assert persona_name("你是萊拉（Lyra），…", title="Lyra v2") == "Lyra v2"
+    from lyra.web import EMPTY_REPLY, page_title, plain_history
+
+    persona = OmegaConf.create({"name": "Nova", "system_prompt": "You are someone else entirely."})
+    assert page_title(persona) == "Nova"  # the persona's name, never parsed out of the prompt
+    assert page_title(persona, title="Nova v2") == "Nova v2"
     gradio6 = [{"role": "user", "metadata": None, "content": [{"text": "你好", "type": "text"}], "options": None},
                {"role": "assistant", "content": [{"text": "主人", "type": "text"}, {"text": "好", "type": "text"}]},
                {"role": "assistant", "content": "plain"}, {"role": "assistant", "content": EMPTY_REPLY}]
@@ -161,8 +162,8 @@ def web_chat(smoke_run, server_process):
 
 
 def test_stream_is_the_chat_reply_and_adapter_off_is_the_base(web_chat):
-    """Greedy: adapter on = lyra.chat's reply; adapter off = the same model with its LoRA disabled."""
-    from lyra.chat import generate_response
+    """Greedy: adapter on = lyra.generation's reply; adapter off = the same model with its LoRA disabled."""
+    from lyra.generation import generate_response
 
     run = web_chat.run
     history = [{"role": "user", "content": "你是誰？"}, {"role": "assistant", "content": "我是萊拉。"}]
@@ -281,7 +282,7 @@ def test_browser_types_a_message_and_gets_streamed_replies(web_server, tmp_path)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("request", lambda request: requested_hosts.add(request.url.split("/")[2]))
             page.goto(web_server)
-            expect(page.locator("#lyra-header")).to_contain_text("萊拉（Lyra）", timeout=60_000)
+            expect(page.locator("#lyra-header")).to_contain_text("萊拉", timeout=60_000)
             expect(page.locator("#lyra-header")).to_contain_text("LoRA r=8 on q_proj, v_proj")
 
             page.locator("#lyra-input textarea").fill("你好，萊拉！")

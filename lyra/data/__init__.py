@@ -25,7 +25,7 @@ __all__ = ["Conversation", "Problem", "load_conversations", "read_conversations"
 
 
 def corpus_file(split: str) -> Path:
-    """The embedded Lyra corpus: split is 'train', 'eval' or 'probes'."""
+    """The embedded default-persona (zh-TW) corpus: split is 'train', 'eval' or 'probes'."""
     return Path(str(resources.files("lyra.data") / "assets" / f"lyra_{split}.jsonl"))
 
 

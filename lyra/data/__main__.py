@@ -1,10 +1,10 @@
 """The data command line: convert transcripts, validate files, describe a corpus.
 
-    python -m lyra.data convert IN.txt OUT.jsonl [--label 主人=user]
+    python -m lyra.data convert IN.txt OUT.jsonl [--label Guest=user]
     python -m lyra.data validate FILE [FILE ...]        # exit 0 valid, 1 with FILE:LINE problems
     python -m lyra.data stats [FILE] [--split eval] [--max-length N] [--json]
 
-Without FILE, `stats` describes the embedded Lyra corpus (`--split train|eval`). User mistakes
+Without FILE, `stats` describes the embedded default-persona corpus (`--split train|eval`). User mistakes
 (a missing file, a bad option) print one `lyra: error: ...` line and exit 2, never a traceback.
 """
 
@@ -30,7 +30,7 @@ def _existing_file(value: str) -> Path:
 
 def _add_label_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", action="append", default=[], metavar="LABEL=ROLE",
-                        help="extra .txt role label, e.g. 主人=user or Maid=assistant (repeatable)")
+                        help="extra .txt role label, e.g. Guest=user or Maid=assistant (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_label_option(validate)
 
     stats = commands.add_parser("stats", help="counts, duplicates, token lengths, truncation")
-    stats.add_argument("file", nargs="?", metavar="FILE", help="default: the embedded Lyra corpus")
+    stats.add_argument("file", nargs="?", metavar="FILE", help="default: the embedded default-persona corpus")
     stats.add_argument("--split", choices=("train", "eval"), default=None,
                        help="embedded corpus split (default train); only without FILE")
     stats.add_argument("--max-length", type=int, default=None,
@@ -91,7 +91,7 @@ def run_stats(args) -> int:
     else:
         split = args.split or "train"
         path = corpus_file(split)
-        source = f"{path.name} (embedded Lyra corpus, {split} split)"
+        source = f"{path.name} (embedded default-persona corpus, {split} split)"
     if args.max_length is None or args.system_prompt is None:
         default_length, default_prompt = training_defaults()
         max_length = args.max_length if args.max_length is not None else default_length

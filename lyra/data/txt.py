@@ -2,15 +2,17 @@
 
     from lyra.data import convert_txt_to_jsonl
     convert_txt_to_jsonl("chats.txt", "chats.jsonl")             # returns the number of conversations
-    python -m lyra.data convert chats.txt chats.jsonl --label 主人=user
+    python -m lyra.data convert chats.txt chats.jsonl --label Guest=user
 
 The format (documented in the README, section Data):
 - Conversations are separated by one or more blank lines.
 - A message starts with a role label and `:` or the full-width `：`:
       system     system, 系統
       user       user, 使用者, 您
-      assistant  assistant, 模型, 萊拉, Lyra
-  (ASCII labels match in any case; `labels=` / `--label LABEL=ROLE` adds more.)
+      assistant  assistant, 模型
+  plus every shipped persona's labels (lyra/conf/persona/*.yaml): its user_label is a user label,
+  its name and bot_label are assistant labels. ASCII labels match in any case; `labels=` /
+  `--label LABEL=ROLE` adds more (e.g. your own persona's name).
 - A line without a known label continues the previous message, joined with a newline.
 - Lines starting with `#` are comments; `# id: NAME` before a conversation sets its id, otherwise
   the id is `<file stem>-<conversation number>`.
@@ -20,6 +22,7 @@ Output is written atomically (temp file + os.replace): a failure never leaves a 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -33,15 +36,32 @@ from lyra.errors import UserError
 DEFAULT_LABELS = {
     "system": "system", "系統": "system",
     "user": "user", "使用者": "user", "您": "user",
-    "assistant": "assistant", "模型": "assistant", "萊拉": "assistant", "lyra": "assistant",
+    "assistant": "assistant", "模型": "assistant",
 }
+PERSONA_DIR = Path(__file__).resolve().parents[1] / "conf" / "persona"
+
+
+@functools.cache
+def shipped_persona_labels() -> dict[str, str]:
+    """{label: role} from the shipped personas: user_label -> user; name and bot_label -> assistant."""
+    from omegaconf import OmegaConf
+
+    labels: dict[str, str] = {}
+    for path in sorted(PERSONA_DIR.glob("*.yaml")):
+        persona = OmegaConf.load(path)
+        for key, role in (("user_label", "user"), ("bot_label", "assistant"), ("name", "assistant")):
+            value = persona.get(key)
+            label = str(value).strip().rstrip(":：").strip() if value else ""
+            if label and not any(colon in label for colon in ":："):
+                labels.setdefault(label.casefold(), role)
+    return labels
 _LABELLED_LINE = re.compile(r"^\s*([^:：]{1,40}?)\s*[:：]\s*(.*)$")
 _ID_COMMENT = re.compile(r"^\s*#\s*id\s*[:：]\s*(\S.*?)\s*$", re.IGNORECASE)
 
 
 def label_table(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Default labels plus `extra` (label -> role); labels are matched case-insensitively."""
-    table = dict(DEFAULT_LABELS)
+    table = {**shipped_persona_labels(), **DEFAULT_LABELS}
     for label, role in (extra or {}).items():
         if role not in ROLES:
             raise UserError("--label", f"{label}={role}: the role must be one of {', '.join(ROLES)}")
@@ -52,12 +72,12 @@ def label_table(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def parse_label_options(options: Iterable[str]) -> dict[str, str]:
-    """`["主人=user", "Maid=assistant"]` -> {"主人": "user", "Maid": "assistant"}."""
+    """`["Guest=user", "Maid=assistant"]` -> {"Guest": "user", "Maid": "assistant"}."""
     labels = {}
     for option in options:
         label, sep, role = option.partition("=")
         if not sep:
-            raise UserError("--label", f"{option!r} must look like LABEL=ROLE, e.g. 主人=user")
+            raise UserError("--label", f"{option!r} must look like LABEL=ROLE, e.g. Guest=user")
         labels[label.strip()] = role.strip()
     return labels
 
@@ -106,7 +126,7 @@ def parse_txt(text: str, path: Path, labels: dict[str, str] | None = None
         else:
             block.broken = True
             problems.append(Problem(path, number, "text before any role label; start a message with a label such "
-                                                  "as 您： or 萊拉： (or add one with --label LABEL=ROLE)"))
+                                                  "as user: or assistant: (or add one with --label LABEL=ROLE)"))
     conversations, seen_ids = [], {}
     for index, block in enumerate(blocks, start=1):
         conversation_id = block.id or f"{path.stem}-{index:04d}"

@@ -1,0 +1,235 @@
+"""Persona probes: greedy replies to a persona's probe prompts, scored for fidelity to that persona.
+
+    from lyra.probes import load_probes, probes_path, run_probes
+    probes = load_probes(probes_path(eval_cfg, persona))
+    metrics, rows = run_probes(model, tokenizer, probes, persona, system_prompt, generation, batch_size=8)
+
+Persona metrics (each a fraction of the probe replies, except avg_reply_chars), counted with the
+persona's own words (conf/persona/<name>.yaml):
+    think_leak_rate  the raw reply contained <think> or </think> (removed before display)
+    eos_rate         the reply ended with a stop token, not by hitting max_new_tokens
+    address_rate     the reply addresses the user as persona.user_address
+    self_name_rate   the reply uses the character's name, persona.name
+    language_rate    the reply is written in persona.language: zh-TW = mostly Han characters and no
+                     Simplified-only one (lyra.data.zh_tw); en = mostly ASCII letters
+    simplified_rate  zh-TW only: the reply contains Simplified-only characters
+    avg_reply_chars  mean length of the clean reply in characters
+
+`PersonaProbeCallback` runs the probes during training (conf/eval/probes.yaml) every
+`eval.probes_every`-th Trainer evaluation and once at the end, logs `probe/*` metrics and a
+(prompt, reply) table to the job's W&B run, and puts the final values into metrics.json.
+`python -m lyra.evaluate` runs them on a finished run, with the persona stored in that run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
+
+from lyra.errors import UserError
+from lyra.paths import resolve_user_path
+
+log = logging.getLogger(__name__)
+
+# Every persona metric, in report order; a persona reports the ones of its language (metric_names).
+PERSONA_METRICS = ("think_leak_rate", "eos_rate", "address_rate", "self_name_rate", "language_rate",
+                   "simplified_rate", "avg_reply_chars")
+WANDB_PREFIX = "probe/"
+ENGLISH_MIN_ASCII = 0.9  # share of a reply's letters that must be ASCII: a quoted foreign word is fine
+CHINESE_MIN_HAN = 0.5  # share of a reply's letters that must be Han characters: names like "Wi-Fi" are fine
+
+
+# ---------------------------------------------------------------- languages
+
+def _is_han(char: str) -> bool:
+    code = ord(char)
+    return 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF or 0xF900 <= code <= 0xFAFF or code >= 0x20000
+
+
+def has_simplified(text: str) -> bool:
+    from lyra.data.zh_tw import simplified_only_characters
+
+    return bool(simplified_only_characters(text))
+
+
+def is_traditional_chinese(text: str) -> bool:
+    """Mostly Han characters, none of them Simplified-only."""
+    letters = [char for char in text if char.isalpha()]
+    if not letters or sum(map(_is_han, letters)) / len(letters) < CHINESE_MIN_HAN:
+        return False
+    return not has_simplified(text)
+
+
+def is_english(text: str) -> bool:
+    """Mostly ASCII letters (a reply in Chinese, Cyrillic or accented European text is not)."""
+    letters = [char for char in text if char.isalpha()]
+    return bool(letters) and sum(char.isascii() for char in letters) / len(letters) >= ENGLISH_MIN_ASCII
+
+
+LANGUAGES: dict[str, Callable[[str], bool]] = {"zh-TW": is_traditional_chinese, "en": is_english}
+
+
+def metric_names(language: str) -> tuple[str, ...]:
+    """The persona metrics a persona of this language reports (simplified_rate: zh-TW only)."""
+    return tuple(name for name in PERSONA_METRICS if name != "simplified_rate" or language == "zh-TW")
+
+
+# ---------------------------------------------------------------- probe files
+
+@dataclass
+class Probe:
+    id: str
+    prompt: str
+
+
+def probes_path(eval_cfg: DictConfig, persona: Mapping) -> Path:
+    """eval.probes_file when set, else the persona's probes_file."""
+    return resolve_user_path(eval_cfg.get("probes_file") or persona["probes_file"])
+
+
+def _probes_key(eval_cfg: DictConfig) -> str:
+    return "eval.probes_file" if eval_cfg.get("probes_file") else "persona.probes_file"
+
+
+def load_probes(path: Path, key: str = "eval.probes_file") -> list[Probe]:
+    """Probe prompts from a JSONL of {"id", "prompt"}; a bad line is one error naming FILE:LINE."""
+    if not path.is_file():
+        raise UserError(key, f"file not found: {path}")
+    probes = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            prompt = record["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise UserError(key, f"{path}:{number}: expected {{\"id\", \"prompt\"}} ({type(error).__name__}: {error})") from None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(key, f"{path}:{number}: prompt must be a non-empty string")
+        probes.append(Probe(str(record.get("id", f"{path.stem}-{number}")), prompt))
+    if not probes:
+        raise UserError(key, f"{path} holds no probes")
+    return probes
+
+
+def selected_probes(eval_cfg: DictConfig, persona: Mapping) -> list[Probe]:
+    """The first eval.num_probes probes (all when null) of the probe file in use."""
+    return load_probes(probes_path(eval_cfg, persona), _probes_key(eval_cfg))[: eval_cfg.num_probes or None]
+
+
+def validate_probes(eval_cfg: DictConfig | None, persona: Mapping) -> None:
+    """Check the eval group (training-time probes) before anything heavy; `eval=none` passes."""
+    from lyra.generation import check_generation
+
+    if not eval_cfg:
+        return
+    num = eval_cfg.num_probes
+    if num is not None and not (isinstance(num, int) and num >= 1):
+        raise UserError("eval.num_probes", f"must be an integer >= 1 or null (all), got {num}")
+    every = eval_cfg.probes_every
+    if not (isinstance(every, int) and every >= 0):
+        raise UserError("eval.probes_every", f"must be an integer >= 0 (0 = only at the end), got {every}")
+    if not (isinstance(eval_cfg.batch_size, int) and eval_cfg.batch_size >= 1):
+        raise UserError("eval.batch_size", f"must be an integer >= 1, got {eval_cfg.batch_size}")
+    check_generation(OmegaConf.to_container(eval_cfg.generation, resolve=True), key="eval.generation")
+    selected_probes(eval_cfg, persona)
+
+
+# ---------------------------------------------------------------- metrics
+
+def persona_metrics(replies: Sequence, persona: Mapping) -> dict[str, float]:
+    """The persona metrics of a list of `lyra.generation.Reply`, counted in the persona's words."""
+    language = str(persona["language"])
+    names = metric_names(language)
+    n = len(replies)
+    if n == 0:
+        return {name: 0.0 for name in names}
+
+    def rate(flags) -> float:
+        return sum(bool(flag) for flag in flags) / n
+
+    in_language = LANGUAGES[language]
+    address, name = str(persona["user_address"]), str(persona["name"])
+    metrics = {
+        "think_leak_rate": rate(r.think_leak for r in replies),
+        "eos_rate": rate(r.ended_by_eos for r in replies),
+        "address_rate": rate(address in r.text for r in replies),
+        "self_name_rate": rate(name in r.text for r in replies),
+        "language_rate": rate(in_language(r.text) for r in replies),
+        "simplified_rate": rate(has_simplified(r.text) for r in replies) if "simplified_rate" in names else None,
+        "avg_reply_chars": sum(len(r.text) for r in replies) / n,
+    }
+    return {key: metrics[key] for key in names}
+
+
+def run_probes(model, tokenizer, probes: Sequence[Probe], persona: Mapping, system_prompt: str | None,
+               generation: dict[str, Any], batch_size: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Generate one reply per probe (batched, same prompt path as chat); (metrics, per-probe rows)."""
+    from lyra.generation import build_prompt_ids, generate_in_batches
+
+    prompts = [build_prompt_ids(p.prompt, tokenizer, system_prompt=system_prompt) for p in probes]
+    replies = generate_in_batches(prompts, model, tokenizer, batch_size, **generation)
+    rows = [{"id": p.id, "prompt": p.prompt, "reply": r.text, "ended_by_eos": r.ended_by_eos,
+             "think_leak": r.think_leak} for p, r in zip(probes, replies)]
+    return persona_metrics(replies, persona), rows
+
+
+# ---------------------------------------------------------------- training-time probes
+
+class PersonaProbeCallback(TrainerCallback):
+    """Runs the persona probes during training and reports them next to the loss.
+
+    Probes run at every `probes_every`-th evaluation (so they follow trainer.eval_steps) and once
+    at the end of training if the last step was not probed; 0 = only at the end. Only the main
+    process generates. `metrics` holds the latest values (train() adds them to metrics.json).
+    With `eval=none` (empty eval_cfg) the callback does nothing. `wandb_run`: the job's run, or None.
+    """
+
+    def __init__(self, eval_cfg: DictConfig | None, persona: Mapping, system_prompt: str | None, wandb_run=None):
+        self.enabled = bool(eval_cfg)
+        self.run = wandb_run
+        self.persona = persona
+        self.system_prompt = system_prompt
+        self.metrics: dict[str, float] = {}
+        self.evaluations = 0
+        self._probed_step: int | None = None
+        if self.enabled:
+            validate_probes(eval_cfg, persona)
+            self.probes = selected_probes(eval_cfg, persona)
+            self.every = eval_cfg.probes_every
+            self.batch_size = eval_cfg.batch_size
+            self.generation = OmegaConf.to_container(eval_cfg.generation, resolve=True)
+
+    def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if not (self.enabled and state.is_world_process_zero):
+            return
+        self.evaluations += 1
+        if self.every and self.evaluations % self.every == 0:
+            self.probe(state, model, processing_class)
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.enabled and state.is_world_process_zero and self._probed_step != state.global_step:
+            self.probe(state, model, processing_class)
+
+    def probe(self, state, model, tokenizer) -> None:
+        metrics, rows = run_probes(model, tokenizer, self.probes, self.persona, self.system_prompt, self.generation,
+                                   self.batch_size)
+        self.metrics, self._probed_step = metrics, state.global_step
+        logged = {f"{WANDB_PREFIX}{key}": value for key, value in metrics.items()}
+        state.log_history.append({**logged, "step": state.global_step})  # kept in trainer_state.json
+        log.info("step %d persona probes: %s", state.global_step,
+                 ", ".join(f"{key}={value:.3g}" for key, value in metrics.items()))
+        if self.run is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "id", "prompt", "reply", "ended_by_eos"],
+                                data=[[state.global_step, r["id"], r["prompt"], r["reply"], r["ended_by_eos"]]
+                                      for r in rows])
+            self.run.log({**logged, f"{WANDB_PREFIX}replies": table}, step=state.global_step)
