@@ -139,7 +139,7 @@ def test_a_failing_wandb_finish_keeps_the_saved_adapter(tmp_path, monkeypatch, s
     import lyra.tracking
     from lyra.train import train
 
-    def broken_finish(run, summary):
+    def broken_finish(run, summary, adapter_dir=None):
         raise ConnectionError("W&B service went away")
 
     monkeypatch.setattr(lyra.tracking, "finish_run", broken_finish)
