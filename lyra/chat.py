@@ -14,8 +14,11 @@ In Python (what the web UI uses):
     reply = generate_response("你好", run.model, run.tokenizer, system_prompt=run.system_prompt)
 
 The prompt is built by `lyra.data.tokenization.chat_prompt_ids`, the code path that built the
-training prompts, so the model sees exactly the tokens it was trained to answer. Qwen3 may still
-emit `<think>` (an ordinary token, not a special one): it is removed from every reply.
+training prompts, so the model sees exactly the tokens it was trained to answer. Generation stops
+on the tokens that end a turn in the tokenizer's own template (`turn_end_ids`: <|im_end|> and
+<|endoftext|> for Qwen3, <|im_end|> for SmolLM2). Qwen3 may still emit `<think>` (an ordinary token,
+not a special one): for a model whose chat template uses think tags it is removed from every reply;
+for any other model (SmolLM2) replies are only stripped of surrounding whitespace.
 """
 
 from __future__ import annotations
@@ -31,12 +34,11 @@ from typing import Any, TextIO
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lyra.data.tokenization import chat_prompt_ids, with_system_prompt
+from lyra.data.tokenization import chat_prompt_ids, turn_end_ids, with_system_prompt
 from lyra.errors import UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # 151645 ends a chat turn, 151643 ends a document
 EXIT_COMMANDS = ("exit", "quit")
 RESET_COMMAND = "/reset"
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -51,6 +53,16 @@ _TAGS = ("<think>", "</think>")
 
 def has_think_tag(text: str) -> bool:
     return any(tag in text for tag in _TAGS)
+
+
+def uses_think_tags(tokenizer) -> bool:
+    """Whether the model's chat template knows think blocks (Qwen3 yes, SmolLM2 no)."""
+    return "<think>" in str(getattr(tokenizer, "chat_template", None) or "")
+
+
+def clean_reply(raw: str, think: bool = True) -> str:
+    """What the user sees: think blocks removed (when the template has them), whitespace stripped."""
+    return strip_think(raw) if think else raw.strip()
 
 
 def strip_think(text: str) -> str:
@@ -75,12 +87,14 @@ class ThinkFilter:
 
     Whatever could still turn out to be a think block (a partial tag, an open `<think>`) or
     trailing whitespace is held back, so the concatenated output always equals
-    `strip_think(raw)` of everything fed so far once `finish()` is called.
+    `clean_reply(raw, think)` of everything fed so far once `finish()` is called. think=False (a
+    template without think tags) only strips whitespace: a literal "<think>" in a reply stays.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, think: bool = True) -> None:
         self.raw = ""
         self._emitted = ""
+        self.think = think
 
     def _emit(self, clean: str) -> str:
         if not clean.startswith(self._emitted):  # cannot happen with the rules above; never un-print
@@ -91,16 +105,16 @@ class ThinkFilter:
 
     def feed(self, chunk: str) -> str:
         self.raw += chunk
-        stable = self.raw[: len(self.raw) - _partial_tag_suffix(self.raw)]
-        return self._emit(strip_think(stable))
+        stable = self.raw[: len(self.raw) - _partial_tag_suffix(self.raw)] if self.think else self.raw
+        return self._emit(clean_reply(stable, self.think))
 
     def finish(self) -> str:
-        return self._emit(strip_think(self.raw))
+        return self._emit(clean_reply(self.raw, self.think))
 
 
 # ---------------------------------------------------------------- prompt
 
-def normalize_history(history: Sequence | None) -> list[dict[str, str]]:
+def normalize_history(history: Sequence | None, think: bool = True) -> list[dict[str, str]]:
     """History as chat messages; (user, assistant) pairs are accepted too (Gradio's tuple format)."""
     messages: list[dict[str, str]] = []
     for item in history or []:
@@ -110,14 +124,15 @@ def normalize_history(history: Sequence | None) -> list[dict[str, str]]:
             user, assistant = item
             messages.append({"role": "user", "content": str(user)})
             if assistant is not None:
-                messages.append({"role": "assistant", "content": strip_think(str(assistant))})
+                messages.append({"role": "assistant", "content": clean_reply(str(assistant), think)})
     return messages
 
 
 def build_prompt_ids(prompt_text: str, tokenizer, history: Sequence | None = None,
                      system_prompt: str | None = None) -> list[int]:
     """The tokens before Lyra's reply: exactly what training placed before that assistant turn."""
-    messages = with_system_prompt([*normalize_history(history), {"role": "user", "content": prompt_text}],
+    messages = with_system_prompt([*normalize_history(history, uses_think_tags(tokenizer)),
+                                   {"role": "user", "content": prompt_text}],
                                   system_prompt)
     return chat_prompt_ids(messages, tokenizer)
 
@@ -134,7 +149,7 @@ class FittedPrompt:
 def fit_prompt(prompt_text: str, tokenizer, history: Sequence | None, system_prompt: str | None,
                max_prompt_tokens: int) -> FittedPrompt:
     """Keep the prompt within max_prompt_tokens: drop the oldest turns, then cut the input's tail."""
-    messages = normalize_history(history)
+    messages = normalize_history(history, uses_think_tags(tokenizer))
     system = [messages.pop(0)] if messages and messages[0]["role"] == "system" else []
     dropped = 0
     while True:
@@ -169,9 +184,8 @@ _GREEDY_IGNORES = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
-    ids = [i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id]
-    return ids or [tokenizer.eos_token_id]
+    """Generation stops where a turn ends in the tokenizer's template (lyra.data.tokenization)."""
+    return turn_end_ids(tokenizer)
 
 
 def check_generation(generation: Mapping[str, Any], key: str = "generation") -> None:
@@ -200,7 +214,7 @@ def check_generation(generation: Mapping[str, Any], key: str = "generation") -> 
 
 
 def generation_config(tokenizer, **generation):
-    """A GenerationConfig from the generation group, stopping on <|im_end|> and <|endoftext|>.
+    """A GenerationConfig from the generation group, stopping on the tokenizer's turn-end tokens.
 
     Sampling is on unless do_sample=false or temperature=0 (greedy). Built from scratch, not from
     the model's own generation_config.json, so replies depend on lyra's config alone.
@@ -262,6 +276,7 @@ def generate_replies(prompts: Sequence[Sequence[int]], model, tokenizer, streame
 
     config = generation_config(tokenizer, **generation)
     stops = set(config.eos_token_id)
+    think = uses_think_tags(tokenizer)
     input_ids, attention_mask = left_padded(prompts, tokenizer.pad_token_id, _model_device(model))
     width = input_ids.shape[1]
     with torch.inference_mode():
@@ -272,7 +287,7 @@ def generate_replies(prompts: Sequence[Sequence[int]], model, tokenizer, streame
         end = next((i for i, token in enumerate(row) if token in stops), None)
         kept = row if end is None else row[: end + 1]
         raw = tokenizer.decode(kept, skip_special_tokens=True)
-        replies.append(Reply(text=strip_think(raw), raw=raw, token_ids=kept, ended_by_eos=end is not None,
+        replies.append(Reply(text=clean_reply(raw, think), raw=raw, token_ids=kept, ended_by_eos=end is not None,
                              prompt_tokens=len(prompt)))
     return replies
 
@@ -323,7 +338,7 @@ def stream_response(prompt_text: str, model, tokenizer, history: Sequence | None
     # daemon: Ctrl-C in the caller must not wait for the rest of the reply
     thread = threading.Thread(target=work, daemon=True, name="lyra-generate")
     thread.start()
-    think = ThinkFilter()
+    think = ThinkFilter(uses_think_tags(tokenizer))
     for chunk in streamer:
         delta = think.feed(chunk)
         if delta:

