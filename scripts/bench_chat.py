@@ -74,7 +74,6 @@ def load_variants(args):
 
     from lyra.modeling import build_model, build_tokenizer
 
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO_ROOT / "lyra" / "conf"), version_base="1.3"):

@@ -92,6 +92,14 @@ def test_think_filter_is_a_no_op_without_think_tags(smollm2_tokenizer):
     assert config.eos_token_id == [2] and config.pad_token_id == 2
 
 
+def test_cpu_real_preset_is_smollm2_in_full_precision():
+    if not (Path(__file__).parents[1] / "lyra" / "conf" / "persona").is_dir():
+        pytest.skip("experiment=cpu_real needs the persona group (persona=lyra_en), which lands with issue 13")
+    cfg = compose(["experiment=cpu_real"])
+    assert cfg.model.gguf.file == "SmolLM2-135M-Instruct.Q4_1.gguf" and not cfg.quantization.load_in_4bit
+    assert cfg.persona.language == "en" and cfg.trainer.max_steps * cfg.trainer.per_device_train_batch_size <= 1000
+
+
 # ---------------------------------------------------------------- learning
 
 def _rate(rows, word: str) -> float:
