@@ -118,3 +118,20 @@ def test_chat_serves_a_merged_model_with_the_exact_base_one_swap_away(plain_run)
             with merged.adapter_disabled():
                 assert torch.equal(merged.model(input_ids=ids).logits, base)
             assert torch.equal(merged.model(input_ids=ids).logits, adapted)
+
+
+def test_web_compares_a_merged_run_with_the_exact_base(plain_run):
+    """The web page's "adapter off" pane on a merged run answers exactly as the bare base run does."""
+    from lyra.chat import generate_response
+    from lyra.runs import load_run
+    from lyra.web import Limits, WebChat
+
+    greedy = {"do_sample": False, "repetition_penalty": 3.0, "max_new_tokens": 12}
+    run, base = load_run(plain_run, device="cpu"), load_run(plain_run, adapter="none", device="cpu")
+    chat = WebChat(run, greedy, Limits(max_input_chars=200, max_prompt_tokens=512, max_new_tokens_limit=64,
+                                       max_queue_size=4))
+    assert run.merged and chat.has_adapter
+    base_reply = generate_response("你好", base.model, base.tokenizer, system_prompt=base.system_prompt, **greedy)
+    adapted = generate_response("你好", run.model, run.tokenizer, system_prompt=run.system_prompt, **greedy)
+    assert chat.reply("你好", adapter=False) == base_reply != adapted
+    assert chat.reply("你好") == adapted  # the merged weights are back
