@@ -178,7 +178,12 @@ def validate(cfg: DictConfig) -> None:
     _check_file(cfg, "data.train_file")
     _check_file(cfg, "data.eval_file")
     resolve_dtype(cfg.model.dtype)
-    if cfg.model.get("build") is None:
+    if cfg.model.get("gguf"):  # a model converted from a GGUF in a wheel: the wheel must be there until converted
+        if not (Path(cfg.model.name_or_path).expanduser() / "config.json").is_file():
+            from lyra.modeling import gguf_source
+
+            gguf_source(cfg.model.gguf)  # one line naming the install command
+    elif cfg.model.get("build") is None:
         _require(bool(cfg.model.name_or_path), "model.name_or_path", "must name a hub model or a local directory")
         ensure_base_available(str(cfg.model.name_or_path))  # cached, local or reachable: else one line now
     if cfg.quantization.get("load_in_4bit"):  # importing bitsandbytes costs seconds: after the model check

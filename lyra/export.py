@@ -6,8 +6,8 @@
 The adapter is merged with `merge_and_unload` into a full-precision copy of the base (bf16 on a
 bf16 GPU, fp32 elsewhere; a 4-bit-trained run is merged into the unquantized base, as QLoRA
 intends). The output holds safetensors weights, the tokenizer and chat template, and a
-generation_config that stops on both <|im_end|> and <|endoftext|> with the generation group's
-sampling settings. It loads with plain transformers, no peft:
+generation_config that stops on the tokenizer's turn-end tokens (Qwen3: <|im_end|> and <|endoftext|>;
+SmolLM2: <|im_end|>) with the generation group's sampling settings. It loads with plain transformers, no peft:
 
     model = AutoModelForCausalLM.from_pretrained("lyra-merged")
     tokenizer = AutoTokenizer.from_pretrained("lyra-merged")

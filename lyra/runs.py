@@ -4,18 +4,28 @@
     run = load_run("outputs/2026-01-01/12-00-00")            # base (4-bit if trained so) + adapter
     run = load_run(run_dir, adapter="none")                    # the bare base, for comparison
     run = load_run(run_dir, adapter="checkpoints/checkpoint-50")
+    with run.adapter_disabled():                              # answer as the bare base (web's comparison)
+        ...
 
 A run dir is what `python -m lyra.train` writes: `resolved_config.yaml` (the config with every
 interpolation resolved, so the base model, quantization, persona and system prompt match what was trained;
 `.hydra/config.yaml` still holds unresolved `${...}`) and `adapter/` (adapter weights, tokenizer,
 chat template). Used by `lyra.chat`, `lyra.export`, `lyra.evaluate` and the web UI.
+
+Inference speed: a full-precision base gets the adapter merged into its weights in memory
+(`merge=None`, the default), so every token costs one matmul per layer instead of W x + B A x
+through PEFT's wrappers (measured by scripts/bench_chat.py; greedy replies stay equal). The base
+weights the merge overwrote are kept, so `adapter_disabled()` still answers exactly as the bare
+base. A 4-bit base keeps the PEFT adapter: merging into NF4 weights would re-quantize them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +54,38 @@ class LoadedRun:
     run_dir: Path
     adapter: str = DEFAULT_ADAPTER  # what was applied: a path relative to run_dir, or "none"
     persona: DictConfig | None = None  # the run's persona (run_persona): name, labels, language, probes
+    # merged runs: the base weights the merge replaced, by parameter name (exact copies, not W - BA)
+    base_weights: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.base_weights)
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter != NO_ADAPTER
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """While active, `model` is the bare base: PEFT's disable_adapter(), or for a merged run the
+        saved base weights swapped in (pointer swaps, no copies) and swapped back after. Not
+        thread-safe: callers that share the model hold a lock (lyra.web does)."""
+        if not self.has_adapter:
+            yield
+            return
+        if not self.merged:
+            with self.model.disable_adapter():
+                yield
+            return
+        parameters = dict(self.model.named_parameters())
+        merged = {name: parameters[name].data for name in self.base_weights}
+        try:
+            for name, weight in self.base_weights.items():
+                parameters[name].data = weight
+            yield
+        finally:
+            for name, weight in merged.items():
+                parameters[name].data = weight
 
 
 def configure_cli_logging(level: int = logging.INFO) -> None:
@@ -158,14 +200,11 @@ def load_run_tokenizer(run_dir: Path, adapter_path: Path | None, model_cfg: Dict
     """The tokenizer saved with the adapter (or the run's adapter/), else the base model's own."""
     from transformers import AutoTokenizer
 
-    from lyra.modeling import build_tokenizer
+    from lyra.modeling import build_tokenizer, ensure_pad_token
 
     for candidate in (adapter_path, run_dir / DEFAULT_ADAPTER):
         if candidate is not None and (candidate / "tokenizer_config.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(candidate)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = "<|endoftext|>"
-            return tokenizer
+            return ensure_pad_token(AutoTokenizer.from_pretrained(candidate))
     log.warning("%s holds no tokenizer; using the base model's", run_dir)
     return build_tokenizer(model_cfg)
 
@@ -198,11 +237,28 @@ def apply_adapter(model, adapter_path: Path):
     return model.eval()
 
 
-def load_run(run_dir: str | Path, adapter: str = DEFAULT_ADAPTER, device: str | None = None) -> LoadedRun:
+def merge_for_inference(model) -> tuple[Any, dict[str, Any]]:
+    """(plain model with the LoRA merged in, {parameter name: a copy of the base weight it replaced}).
+
+    PEFT merges in place, so the targeted base weights are copied first (LoRA targets a fraction
+    of the model: for lora=attn on SmolLM2, 27M of 135M params); swapping them back gives the base
+    bit for bit, which W + s B A - s B A would not.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    base_weights = {name.removeprefix(prefix) + ".weight": module.get_base_layer().weight.data.clone()
+                    for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    return model.merge_and_unload().eval(), base_weights
+
+
+def load_run(run_dir: str | Path, adapter: str = DEFAULT_ADAPTER, device: str | None = None,
+             merge: bool | None = None) -> LoadedRun:
     """Rebuild a trained run for generation: base model as trained + adapter + the run's tokenizer.
 
     adapter: a dir relative to run_dir ("adapter", "checkpoints/checkpoint-8"), an absolute dir,
-    or "none" for the bare base. device: None = cuda:0 if available, else cpu.
+    or "none" for the bare base. device: None = cuda:0 if available, else cpu. merge: None = merge
+    the adapter into a full-precision base for speed (4-bit bases keep PEFT); False = always PEFT.
     """
     path = run_dir_path(run_dir)
     cfg = load_run_config(path)
@@ -211,9 +267,13 @@ def load_run(run_dir: str | Path, adapter: str = DEFAULT_ADAPTER, device: str | 
         check_adapter_base(adapter_path, cfg.model)
     tokenizer = load_run_tokenizer(path, adapter_path, cfg.model)
     model = build_run_base(cfg, device)
+    base_weights: dict[str, Any] = {}
     if adapter_path is not None:
         model = apply_adapter(model, adapter_path)
-    log.info("loaded %s with %s", cfg.model.name_or_path, adapter_path or "no adapter")
+        if merge is not False and not getattr(model, "is_loaded_in_4bit", False):
+            model, base_weights = merge_for_inference(model)
+    log.info("loaded %s with %s%s", cfg.model.name_or_path, adapter_path or "no adapter",
+             " (merged in memory)" if base_weights else "")
     return LoadedRun(model=model, tokenizer=tokenizer, cfg=cfg, system_prompt=cfg.data.get("system_prompt") or "",
                      run_dir=path, adapter=str(adapter) if adapter_path is not None else NO_ADAPTER,
-                     persona=run_persona(cfg, path))
+                     persona=run_persona(cfg, path), base_weights=base_weights)

@@ -9,7 +9,8 @@ The page is titled with the run's persona name (from its resolved_config.yaml; `
 it) and streams the replies through the terminal chat's own path (lyra.generation's fitted prompt
 and cancellable streamer, the run's system prompt, think blocks removed), keeps a multi-turn history, has sliders for
 temperature / top_p / max_new_tokens, a reset, and an "adapter off" comparison that answers the
-same message with the base model (PEFT's `disable_adapter()` on the one shared model).
+same message with the base model (`LoadedRun.adapter_disabled()` on the one shared model: PEFT's
+`disable_adapter()`, or the exact base weights swapped back into a run merged for speed).
 
 One model instance serves everyone: Gradio's queue runs one generation at a time (every model
 event shares one concurrency slot) and `WebChat.lock` guards the model, so a comparison never
@@ -163,7 +164,7 @@ class WebChat:
         self.generation = dict(generation)
         self.limits = limits
         self.lock = threading.Lock()
-        self.has_adapter = hasattr(run.model, "disable_adapter")
+        self.has_adapter = run.has_adapter
 
     def settings(self, temperature=None, top_p=None, max_new_tokens=None) -> dict[str, Any]:
         """The generation group with the page's slider values on top, checked like the config."""
@@ -195,7 +196,7 @@ class WebChat:
     def _adapter(self, enabled: bool):
         if enabled or not self.has_adapter:
             return contextlib.nullcontext()
-        return self.run.model.disable_adapter()
+        return self.run.adapter_disabled()  # PEFT's disable_adapter(), or the merged run's base weights
 
     def stream(self, message: str, history: Sequence | None = None, adapter: bool = True,
                notify: Callable[[str], Any] | None = None, **generation) -> Iterator[str]:

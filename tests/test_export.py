@@ -66,7 +66,7 @@ def test_merged_model_loads_without_peft_and_matches_base_plus_adapter(plain_run
     assert not isinstance(model, PeftModel) and not hasattr(model, "peft_config")
     assert model.generation_config.eos_token_id == [151645, 151643] and model.config.use_cache is True
 
-    run = load_run(plain_run, device="cpu")
+    run = load_run(plain_run, device="cpu", merge=False)
     assert isinstance(run.model, PeftModel)
     ids = torch.tensor([build_prompt_ids("我今天有點累", run.tokenizer, [("你好", "主人好")], run.system_prompt)])
     with torch.inference_mode():
@@ -96,3 +96,42 @@ def test_export_refuses_to_overwrite_or_to_merge_nothing(plain_run, merged):
         with pytest.raises(UserError) as error:
             export(compose([f"run_dir={plain_run}", *overrides], config_name="export"))
         assert str(error.value) == message
+
+
+def test_chat_serves_a_merged_model_with_the_exact_base_one_swap_away(plain_run):
+    """A full-precision run is merged in memory for speed: same logits as PEFT, and adapter_disabled()
+    gives back the base bit for bit (the saved weights, not W + BA - BA), again and again."""
+    from peft import PeftModel
+
+    from lyra.runs import load_run
+
+    merged, peft = load_run(plain_run, device="cpu"), load_run(plain_run, device="cpu", merge=False)
+    assert merged.merged and not isinstance(merged.model, PeftModel) and not peft.merged
+    assert all(name.endswith("_proj.weight") for name in merged.base_weights)
+    ids = torch.tensor([build_prompt_ids("我今天有點累", merged.tokenizer, None, merged.system_prompt)])
+    with torch.inference_mode():
+        adapted = merged.model(input_ids=ids).logits
+        assert (adapted - peft.model(input_ids=ids).logits).abs().max() < LOGIT_ATOL
+        with peft.model.disable_adapter():
+            base = peft.model(input_ids=ids).logits
+        for _ in range(2):
+            with merged.adapter_disabled():
+                assert torch.equal(merged.model(input_ids=ids).logits, base)
+            assert torch.equal(merged.model(input_ids=ids).logits, adapted)
+
+
+def test_web_compares_a_merged_run_with_the_exact_base(plain_run):
+    """The web page's "adapter off" pane on a merged run answers exactly as the bare base run does."""
+    from lyra.chat import generate_response
+    from lyra.runs import load_run
+    from lyra.web import Limits, WebChat
+
+    greedy = {"do_sample": False, "repetition_penalty": 3.0, "max_new_tokens": 12}
+    run, base = load_run(plain_run, device="cpu"), load_run(plain_run, adapter="none", device="cpu")
+    chat = WebChat(run, greedy, Limits(max_input_chars=200, max_prompt_tokens=512, max_new_tokens_limit=64,
+                                       max_queue_size=4))
+    assert run.merged and chat.has_adapter
+    base_reply = generate_response("你好", base.model, base.tokenizer, system_prompt=base.system_prompt, **greedy)
+    adapted = generate_response("你好", run.model, run.tokenizer, system_prompt=run.system_prompt, **greedy)
+    assert chat.reply("你好", adapter=False) == base_reply != adapted
+    assert chat.reply("你好") == adapted  # the merged weights are back

@@ -52,7 +52,7 @@ def qwen3_tokenizer():
 
 
 def example_lengths(conversation: Conversation, tokenizer, system_prompt: str | None) -> list[int]:
-    """Token length of each assistant turn's training example (prompt + reply + <|im_end|>)."""
+    """Token length of each assistant turn's training example (prompt + reply + end-of-turn token)."""
     messages = with_system_prompt(conversation.messages, system_prompt)
     return [len(encode_turn(messages[: index + 1], tokenizer)[0])
             for index, message in enumerate(messages) if message["role"] == "assistant"]

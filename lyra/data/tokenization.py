@@ -2,9 +2,13 @@
 
 Each assistant turn becomes one example: the prompt is exactly what `lyra.chat` feeds the model
 for that history (the tokenizer's chat template, `enable_thinking=False`, generation prompt on),
-and only the reply plus its `<|im_end|>` is supervised. Qwen3's template puts an empty
-`<think>\n\n</think>\n\n` block only before the *last* assistant turn, so rendering a whole
-multi-turn chat as one sequence would train earlier turns on a context chat never produces.
+and only the reply plus the template's end-of-turn token (Qwen3 and SmolLM2: `<|im_end|>`) is
+supervised. Qwen3's template puts an empty `<think>\n\n</think>\n\n` block only before the *last*
+assistant turn, so rendering a whole multi-turn chat as one sequence would train earlier turns on
+a context chat never produces.
+
+Nothing here names a model: the end-of-turn token is read off the tokenizer's own template
+(`turn_end_ids`), so any HF chat model whose template renders the conversation works.
 """
 
 from __future__ import annotations
@@ -31,6 +35,36 @@ def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None
     return list(messages)
 
 
+_TURN_END_PROBE = "\u2063lyra\u2063"  # a reply text no template rewrites; what follows it ends the turn
+
+
+def turn_end_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the template's end-of-turn token, then eos, then pad.
+
+    The end-of-turn token is the first token the chat template renders after a reply (Qwen3 and
+    SmolLM2: <|im_end|>, Llama 3: <|eot_id|>, Gemma: <end_of_turn>); eos and pad end a generation
+    too (Qwen3: pad <|endoftext|> ends a document). Cached on the tokenizer. For Qwen3 this is
+    [151645, 151643]; for SmolLM2 [2].
+    """
+    template = tokenizer.chat_template
+    cached = getattr(tokenizer, "_lyra_turn_end_ids", None)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_END_PROBE}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, enable_thinking=False)
+    after = text[text.rindex(_TURN_END_PROBE) + len(_TURN_END_PROBE):]
+    following = tokenizer.encode(after, add_special_tokens=False)[:1] if after.strip() else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids = [i for i in following if i in special]  # a plain "\n" after the reply is not an end marker
+    for candidate in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if isinstance(candidate, int) and candidate not in ids:
+            ids.append(candidate)
+    if not ids:
+        raise ValueError("the tokenizer has no eos token and its chat template marks no end of turn")
+    tokenizer._lyra_turn_end_ids = (template, ids)  # recomputed if the template is replaced
+    return ids
+
+
 def chat_prompt_ids(messages: list[dict[str, str]], tokenizer) -> list[int]:
     """Token ids the model sees before it writes the next assistant reply (shared with chat)."""
     return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
@@ -44,8 +78,11 @@ def encode_turn(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], l
                                               return_dict=True)["input_ids"])
     if full[: len(prompt)] != prompt:
         raise ValueError("chat template rendered the prompt differently with and without the reply")
-    end = full.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), len(prompt)) + 1
-    input_ids = full[:end]  # the template's trailing "\n" after <|im_end|> is never generated
+    ends = set(turn_end_ids(tokenizer))
+    end = next((i for i in range(len(prompt), len(full)) if full[i] in ends), None)
+    if end is None:
+        raise ValueError("chat template rendered the reply without an end-of-turn or eos token")
+    input_ids = full[: end + 1]  # anything the template adds after the end token ("\n") is never generated
     labels = [IGNORE_INDEX] * len(prompt) + input_ids[len(prompt):]
     return input_ids, labels
 
