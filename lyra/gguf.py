@@ -184,7 +184,7 @@ def _quoted(text: str) -> str:
 
 def modelfile(gguf_name: str, target: GgufTarget, stop_tokens: Sequence[str], parameters: Mapping[str, Any]) -> str:
     """The Ollama Modelfile: FROM the file, the persona's SYSTEM, the ChatML TEMPLATE, one stop per eos."""
-    lines = [f"# ollama create lyra -f Modelfile && ollama run lyra", f"FROM ./{gguf_name}"]
+    lines = ["# ollama create lyra -f Modelfile && ollama run lyra", f"FROM ./{gguf_name}"]
     if target.default_system:
         lines.append(f"SYSTEM {_quoted(target.default_system)}")
     lines.append(f"TEMPLATE {_quoted(ollama_template(target.reply_prefix))}")

