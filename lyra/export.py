@@ -195,8 +195,9 @@ def _write_gguf_export(staging: Path, model, tokenizer, target, chat_template: s
 GGUF_README = """# lyra, exported as GGUF
 
 `{gguf_name}` ({type}, {size_mb:.0f} MB) holds the merged weights, the tokenizer and the chat template
-(thinking off, the persona's system prompt built in). `Modelfile` tells Ollama the same: the system
-prompt, a ChatML template equivalent to the training one, and the stop tokens ({stops}).
+(thinking off; the run's system prompt built in unless exported with embed_system_prompt=false).
+`Modelfile` tells Ollama the same: the system prompt, a ChatML template equivalent to the training
+one, and the stop tokens ({stops}).
 
 Ollama:
 

@@ -7,7 +7,7 @@ In Python (lyra.export calls exactly this after merging the adapter):
 
     from lyra.gguf import check_gguf_export, write_gguf, modelfile
     target = check_gguf_export(model_config, tokenizer, chat_template, "q8_0")   # cheap, before the merge
-    write_gguf(model, tokenizer, "model-q8_0.gguf", target, chat_template, name="lyra")
+    write_gguf(model, tokenizer, "model-q8_0.gguf", target, chat_template, eos_ids=[151645, 151643])
 
 The file is written with the `gguf` package (gguf-py, llama.cpp's own writer): its architecture
 enum, tensor-name tables (`get_tensor_name_map`, `MODEL_TENSORS`), key names, quantizer
