@@ -14,6 +14,13 @@ SmolLM2: <|im_end|>) with the generation group's sampling settings. It loads wit
 
 With embed_system_prompt=true (default) the saved chat template adds the run's system prompt to
 any chat that has none, so `apply_chat_template` gives exactly the prompts the run was trained on.
+
+format=gguf writes one GGUF file instead (llama.cpp, Ollama, LM Studio), an Ollama Modelfile and a
+README (see lyra.gguf):
+
+    python -m lyra.export run_dir=R output_dir=D format=gguf                 # D/model-f16.gguf
+    python -m lyra.export run_dir=R output_dir=D format=gguf gguf.type=q8_0  # D/model-q8_0.gguf
+    ollama create lyra -f D/Modelfile && ollama run lyra
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from lyra.paths import resolve_user_path
 log = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "lyra_export.json"
+FORMATS = ("safetensors", "gguf")
 
 
 def export_dtype(name: str):
@@ -91,6 +99,12 @@ def export(cfg: DictConfig) -> Path:
     for key in ("run_dir", "output_dir"):
         if OmegaConf.is_missing(cfg, key):
             raise UserError(key, "is required: python -m lyra.export run_dir=<training output dir> output_dir=<new dir>")
+    if cfg.format not in FORMATS:
+        raise UserError("format", f"{cfg.format!r} is not one of {', '.join(FORMATS)}")
+    if cfg.format == "gguf":
+        from lyra.gguf import check_gguf_type
+
+        check_gguf_type(cfg.gguf.type)
     generation: dict[str, Any] = OmegaConf.to_container(cfg.generation, resolve=True)
     check_generation(generation)
     dtype = export_dtype(cfg.dtype)
@@ -103,6 +117,19 @@ def export(cfg: DictConfig) -> Path:
         raise UserError("adapter", "export merges an adapter; adapter=none would only copy the base model")
     check_adapter_base(adapter_path, run_cfg.model)
     tokenizer = load_run_tokenizer(run_dir, adapter_path, run_cfg.model)
+    system_prompt = run_cfg.data.get("system_prompt") or ""
+    chat_template = tokenizer.chat_template
+    if cfg.embed_system_prompt and system_prompt:
+        chat_template = template_with_system_prompt(chat_template, system_prompt)
+    gguf_target = None
+    if cfg.format == "gguf":  # architecture, type, tokenizer and template checked before the merge
+        from transformers import AutoConfig
+
+        from lyra.gguf import check_gguf_export
+        from lyra.modeling import model_path
+
+        gguf_target = check_gguf_export(AutoConfig.from_pretrained(model_path(run_cfg.model)), tokenizer,
+                                        chat_template, cfg.gguf.type)
 
     device = cfg.device or training_device()
     log.info("merging %s into %s (%s, %s)", adapter_path, run_cfg.model.name_or_path, dtype, device)
@@ -113,16 +140,19 @@ def export(cfg: DictConfig) -> Path:
     gen_config.bos_token_id = model.generation_config.bos_token_id
     model.generation_config = gen_config
 
-    system_prompt = run_cfg.data.get("system_prompt") or ""
-    if cfg.embed_system_prompt and system_prompt:
-        tokenizer.chat_template = template_with_system_prompt(tokenizer.chat_template, system_prompt)
+    tokenizer.chat_template = chat_template
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        model.save_pretrained(staging, max_shard_size=cfg.max_shard_size)
-        tokenizer.save_pretrained(staging)
+        if gguf_target is None:
+            model.save_pretrained(staging, max_shard_size=cfg.max_shard_size)
+            tokenizer.save_pretrained(staging)
+        else:
+            _write_gguf_export(staging, model, tokenizer, gguf_target, chat_template, gen_config, generation)
         provenance = {
+            "format": cfg.format,
+            "gguf_type": cfg.gguf.type if gguf_target is not None else None,
             "lyra_version": lyra.__version__,
             "run_dir": str(run_dir),
             "adapter": str(adapter_path),
@@ -142,8 +172,46 @@ def export(cfg: DictConfig) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    print(f"merged model written to {output_dir}")
+    print(f"merged model written to {output_dir}" + (f" ({cfg.format})" if gguf_target is not None else ""))
     return output_dir
+
+
+def _write_gguf_export(staging: Path, model, tokenizer, target, chat_template: str, gen_config,
+                       generation: dict[str, Any]) -> None:
+    """model-<type>.gguf, the Ollama Modelfile and a README into staging."""
+    from lyra.gguf import modelfile, ollama_parameters, write_gguf
+
+    eos_ids = list(gen_config.eos_token_id)
+    gguf_name = f"model-{target.type}.gguf"
+    write_gguf(model, tokenizer, staging / gguf_name, target, chat_template, eos_ids, name="lyra")
+    stops = tokenizer.convert_ids_to_tokens(eos_ids)
+    (staging / "Modelfile").write_text(modelfile(gguf_name, target, stops, ollama_parameters(generation)),
+                                       encoding="utf-8")
+    size_mb = (staging / gguf_name).stat().st_size / 1e6
+    (staging / "README.md").write_text(GGUF_README.format(gguf_name=gguf_name, type=target.type, size_mb=size_mb,
+                                                          stops=", ".join(stops)), encoding="utf-8")
+
+
+GGUF_README = """# lyra, exported as GGUF
+
+`{gguf_name}` ({type}, {size_mb:.0f} MB) holds the merged weights, the tokenizer and the chat template
+(thinking off; the run's system prompt built in unless exported with embed_system_prompt=false).
+`Modelfile` tells Ollama the same: the system prompt, a ChatML template equivalent to the training
+one, and the stop tokens ({stops}).
+
+Ollama:
+
+    ollama create lyra -f Modelfile
+    ollama run lyra
+
+llama.cpp (the template embedded in the file is used):
+
+    llama-cli -m {gguf_name} -cnv
+
+transformers (dequantized to float32):
+
+    AutoModelForCausalLM.from_pretrained(".", gguf_file="{gguf_name}")
+"""
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
