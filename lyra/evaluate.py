@@ -2,6 +2,7 @@
 
     python -m lyra.evaluate run_dir=outputs/2026-01-01/12-00-00        # -> <run_dir>/evaluation.json
     python -m lyra.evaluate run_dir=R adapter=none                      # the bare base, for contrast
+    python -m lyra.evaluate run_dir=R compare_base=true                 # trained and bare base side by side
     python -m lyra.evaluate run_dir=R eval.num_probes=10 eval.generation.max_new_tokens=64
     python -m lyra.evaluate run_dir=R eval_file=my_heldout.jsonl
 
@@ -94,25 +95,53 @@ def output_path(run_dir: Path, adapter: str, output_file: str | None) -> Path:
     return run_dir / f"evaluation-{name}.json"
 
 
+def _shown(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def table_keys(results: dict[str, Any]) -> list[str]:
+    return ["eval_loss", "perplexity", "eval_tokens", "num_probes", *(k for k in PERSONA_METRICS if k in results)]
+
+
 def format_table(results: dict[str, Any]) -> str:
-    keys = ["eval_loss", "perplexity", "eval_tokens", "num_probes", *(k for k in PERSONA_METRICS if k in results)]
     lines = [f"{'metric':<18}{'value':>12}", "-" * 30]
-    for key in keys:
-        value = results.get(key)
-        shown = "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"{key:<18}{shown:>12}")
+    lines += [f"{key:<18}{_shown(results.get(key)):>12}" for key in table_keys(results)]
     return "\n".join(lines)
+
+
+def format_comparison(results: dict[str, Any]) -> str:
+    """Base and trained side by side, with trained - base."""
+    base, delta = results["base"], results["delta"]
+    lines = [f"{'metric':<18}{'base':>12}{'trained':>12}{'delta':>12}", "-" * 54]
+    for key in table_keys(results):
+        change = delta.get(key)
+        lines.append(f"{key:<18}{_shown(base.get(key)):>12}{_shown(results.get(key)):>12}"
+                     f"{('n/a' if change is None else f'{change:+.4f}'):>12}")
+    return "\n".join(lines)
+
+
+def measure(model, tokenizer, splits, probes, persona, system_prompt: str, eval_cfg: DictConfig) -> dict[str, Any]:
+    """Eval loss over the split and persona metrics over the probes, for `model` as it is now."""
+    loss, tokens = (None, 0)
+    if splits.eval is not None:
+        loss, tokens = eval_loss(model, splits.eval, tokenizer, eval_cfg.batch_size)
+    generation = OmegaConf.to_container(eval_cfg.generation, resolve=True)
+    metrics, rows = run_probes(model, tokenizer, probes, persona, system_prompt, generation, eval_cfg.batch_size)
+    return {"eval_loss": loss, "perplexity": perplexity(loss), "eval_tokens": tokens, "num_probes": len(rows),
+            **metrics, "replies": rows}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """The evaluate app for a composed conf/evaluate.yaml; returns what it writes to the JSON."""
     from lyra.data import build_datasets
-    from lyra.runs import load_run, load_run_config, run_dir_path, run_persona
+    from lyra.runs import NO_ADAPTER, load_run, load_run_config, run_dir_path, run_persona
 
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise UserError("run_dir", "is required: python -m lyra.evaluate run_dir=<training output dir>")
     if not cfg.eval:
         raise UserError("eval", "eval=none leaves nothing to evaluate; use eval=probes")
+    if cfg.compare_base and str(cfg.adapter).lower() == NO_ADAPTER:
+        raise UserError("compare_base", "adapter=none already evaluates the bare base; drop one of the two")
     run_dir = run_dir_path(cfg.run_dir)
     persona = run_persona(load_run_config(run_dir), run_dir)
     validate_probes(cfg.eval, persona)
@@ -121,32 +150,27 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = eval_data_config(run.cfg, run_dir, cfg.eval_file)
 
     splits = build_datasets(data_cfg, run.tokenizer)
-    loss, tokens = (None, 0)
-    if splits.eval is not None:
-        loss, tokens = eval_loss(run.model, splits.eval, run.tokenizer, cfg.eval.batch_size)
-    generation = OmegaConf.to_container(cfg.eval.generation, resolve=True)
-    metrics, rows = run_probes(run.model, run.tokenizer, probes, persona, run.system_prompt, generation,
-                               cfg.eval.batch_size)
-
+    measured = measure(run.model, run.tokenizer, splits, probes, persona, run.system_prompt, cfg.eval)
     results: dict[str, Any] = {
         "run_dir": str(run_dir),
         "adapter": run.adapter,
         "eval_file": data_cfg.get("eval_file"),
-        "eval_loss": loss,
-        "perplexity": perplexity(loss),
-        "eval_tokens": tokens,
         "eval_examples": len(splits.eval) if splits.eval is not None else 0,
-        "num_probes": len(rows),
         "persona": {key: persona.get(key) for key in ("name", "user_address", "language")},
-        **metrics,
-        "generation": generation,
-        "replies": rows,
+        **measured,
+        "generation": OmegaConf.to_container(cfg.eval.generation, resolve=True),
     }
+    if cfg.compare_base:  # the same model with its adapter off: same probes, same split, same decoding
+        with run.adapter_disabled():
+            base = measure(run.model, run.tokenizer, splits, probes, persona, run.system_prompt, cfg.eval)
+        results["base"] = base
+        results["delta"] = {key: results[key] - base[key] for key in table_keys(results)
+                            if isinstance(results.get(key), (int, float)) and isinstance(base.get(key), (int, float))}
     path = output_path(run_dir, run.adapter, cfg.output_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    print(format_table(results))
-    print(f"\n{len(rows)} probe replies and all metrics written to {path}")
+    print(format_comparison(results) if cfg.compare_base else format_table(results))
+    print(f"\n{len(results['replies'])} probe replies and all metrics written to {path}")
     return results
 
 

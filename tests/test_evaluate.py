@@ -134,3 +134,28 @@ def test_probe_callback_logs_metrics_and_a_reply_table(smoke_run):
     assert [row[2] for row in table.data] == [probe.prompt for probe in callback.probes] and len(table.data) == 2
     assert state.log_history[-1]["step"] == 8 and callback.metrics["eos_rate"] == data["probe/eos_rate"]
     assert not run.model.training
+
+
+def test_compare_base_puts_the_bare_base_beside_the_adapter(smoke_run, tmp_path, capsys):
+    """compare_base=true measures the same model with its adapter off; the base half equals adapter=none."""
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in HELD_OUT), encoding="utf-8")
+    common = [f"run_dir={smoke_run}", f"eval_file={held_out}", "eval.num_probes=2", "eval.generation.max_new_tokens=4"]
+    both = evaluate(compose([*common, "compare_base=true", f"output_file={tmp_path / 'both.json'}"],
+                            config_name="evaluate"))
+    table = capsys.readouterr().out
+    bare = evaluate(compose([*common, "adapter=none", f"output_file={tmp_path / 'bare.json'}"], config_name="evaluate"))
+
+    assert both["base"]["eval_loss"] == pytest.approx(bare["eval_loss"], rel=1e-5)
+    assert [row["reply"] for row in both["base"]["replies"]] == [row["reply"] for row in bare["replies"]]
+    assert both["eval_loss"] != both["base"]["eval_loss"]  # the adapter is back on after the comparison
+    assert both["delta"]["eval_loss"] == pytest.approx(both["eval_loss"] - both["base"]["eval_loss"])
+    assert set(both["delta"]) >= {"eval_loss", "perplexity", "eos_rate", "address_rate", "self_name_rate"}
+    assert json.loads((tmp_path / "both.json").read_text(encoding="utf-8"))["base"]["eval_loss"] == both["base"]["eval_loss"]
+    header = table.splitlines()[0].split()
+    assert header == ["metric", "base", "trained", "delta"]
+
+
+def test_compare_base_with_adapter_none_is_refused(smoke_run):
+    with pytest.raises(UserError, match="^compare_base: adapter=none already evaluates the bare base"):
+        evaluate(compose([f"run_dir={smoke_run}", "adapter=none", "compare_base=true"], config_name="evaluate"))
