@@ -63,7 +63,7 @@ def test_smollm2_without_system_prompt_uses_its_templates_default_in_train_and_c
     example = encode_conversation(CHAT, smollm2_tokenizer, max_length=512, system_prompt=None)[0]
     text = smollm2_tokenizer.decode(example["input_ids"])
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
-    from lyra.chat import build_prompt_ids
+    from lyra.generation import build_prompt_ids
 
     assert example["input_ids"][: len(build_prompt_ids("Hello", smollm2_tokenizer))] == \
         build_prompt_ids("Hello", smollm2_tokenizer)
@@ -71,7 +71,7 @@ def test_smollm2_without_system_prompt_uses_its_templates_default_in_train_and_c
 
 def test_qwen3_turn_end_ids_are_unchanged(tokenizer):
     """The Qwen3 path stays as it was: stop on <|im_end|> then <|endoftext|>."""
-    from lyra.chat import generation_config, uses_think_tags
+    from lyra.generation import generation_config, uses_think_tags
 
     assert turn_end_ids(tokenizer) == [151645, 151643]
     assert generation_config(tokenizer, do_sample=False).eos_token_id == [151645, 151643]
@@ -79,13 +79,12 @@ def test_qwen3_turn_end_ids_are_unchanged(tokenizer):
 
 
 def test_think_filter_is_a_no_op_without_think_tags(smollm2_tokenizer):
-    from lyra.chat import ThinkFilter, clean_reply, generation_config, uses_think_tags
+    from lyra.generation import ThinkFilter, generation_config, strip_think, uses_think_tags
 
     assert not uses_think_tags(smollm2_tokenizer)
     raw = "  I said <think>hello</think> to the <thi"
-    assert clean_reply(raw, think=False) == raw.strip()
-    assert clean_reply(raw, think=True) == "I said to the <thi"
-    think = ThinkFilter(think=False)
+    assert strip_think(raw) == "I said to the <thi"  # what a template with think tags would show
+    think = ThinkFilter(enabled=uses_think_tags(smollm2_tokenizer))
     streamed = "".join(think.feed(raw[i:i + 3]) for i in range(0, len(raw), 3)) + think.finish()
     assert streamed == raw.strip()
     config = generation_config(smollm2_tokenizer, do_sample=False)
@@ -105,8 +104,6 @@ def test_a_missing_wheel_is_one_line_naming_the_install_command(tmp_path):
 
 
 def test_cpu_real_preset_is_smollm2_in_full_precision():
-    if not (Path(__file__).parents[1] / "lyra" / "conf" / "persona").is_dir():
-        pytest.skip("experiment=cpu_real needs the persona group (persona=lyra_en), which lands with issue 13")
     cfg = compose(["experiment=cpu_real"])
     assert cfg.model.gguf.file == "SmolLM2-135M-Instruct.Q4_1.gguf" and not cfg.quantization.load_in_4bit
     assert cfg.persona.language == "en" and cfg.trainer.max_steps * cfg.trainer.per_device_train_batch_size <= 1000
@@ -114,9 +111,11 @@ def test_cpu_real_preset_is_smollm2_in_full_precision():
 
 # ---------------------------------------------------------------- learning
 
-def _rate(rows, word: str) -> float:
-    # TODO(persona group): switch to the persona metrics' self_name_rate with persona.name=Pippa
-    return sum(word in row["reply"] for row in rows) / len(rows)
+# Pippa is a persona of the test's own (the persona group's keys as overrides), unseen by SmolLM2.
+PIPPA_PERSONA = ["persona=lyra_en", f"persona.name={PIPPA_NAME}", "persona.user_address=Captain",
+                 f"persona.system_prompt='{PIPPA_PROMPT}'", f"persona.train_file={PIPPA / 'train.jsonl'}",
+                 f"persona.eval_file={PIPPA / 'eval.jsonl'}", f"persona.probes_file={PIPPA / 'probes.jsonl'}",
+                 f"persona.bot_label='{PIPPA_NAME}: '"]
 
 
 @pytest.mark.slow
@@ -132,24 +131,23 @@ def test_a_few_dozen_lora_steps_teach_smollm2_a_new_persona(smollm2_dir, tmp_pat
     run_dir = tmp_path / "run"
     train(compose([
         "model=smollm2_135m", "quantization=none", "lora=attn", "lora.r=16", "trainer=smoke", "eval=none",
-        "logger=none", "data=jsonl", f"data.train_file={PIPPA / 'train.jsonl'}",
-        f"data.eval_file={PIPPA / 'eval.jsonl'}", f"data.system_prompt='{PIPPA_PROMPT}'", "data.max_length=256",
+        "logger=none", *PIPPA_PERSONA, "data.max_length=256",
         "trainer.max_steps=30", "trainer.per_device_train_batch_size=4", "trainer.learning_rate=1e-3",
         "trainer.eval_strategy=no", "trainer.save_steps=30", "trainer.logging_steps=5",
         f"paths.output_dir={run_dir}"]))
 
-    results = {}
-    for adapter in ("none", "adapter"):
-        results[adapter] = evaluate(compose([
-            f"run_dir={run_dir}", f"adapter={adapter}", f"eval.probes_file={PIPPA / 'probes.jsonl'}",
-            "eval.generation.max_new_tokens=64", "eval.batch_size=10", f"output_file={tmp_path / adapter}.json"],
-            config_name="evaluate"))
-    base, trained = results["none"], results["adapter"]
-    base["name_rate"], trained["name_rate"] = _rate(base["replies"], PIPPA_NAME), _rate(trained["replies"], PIPPA_NAME)
-    summary = {key: (round(base[key], 3), round(trained[key], 3)) for key in ("eval_loss", "eos_rate", "name_rate")}
+    # The evaluate app, trained and bare base side by side on the same held-out chats and probes;
+    # the persona metrics count Pippa's own words (persona.name / user_address) from the run's config.
+    trained = evaluate(compose([f"run_dir={run_dir}", "compare_base=true", "eval.generation.max_new_tokens=64",
+                                "eval.batch_size=10", f"output_file={tmp_path / 'evaluation.json'}"],
+                               config_name="evaluate"))
+    base = trained["base"]
+    summary = {key: (round(base[key], 3), round(trained[key], 3))
+               for key in ("eval_loss", "eos_rate", "self_name_rate", "address_rate", "language_rate")}
     replies = json.dumps([row["reply"] for row in trained["replies"][:3]], ensure_ascii=False)
     print(f"\nbase -> trained: {summary}\ntrained replies: {replies}")
 
     assert trained["eval_loss"] <= 0.85 * base["eval_loss"], summary
     assert trained["eos_rate"] >= 0.8 and trained["eos_rate"] > base["eos_rate"], summary
-    assert trained["name_rate"] >= 0.8 and trained["name_rate"] > base["name_rate"], summary
+    assert trained["self_name_rate"] >= 0.8 and trained["self_name_rate"] > base["self_name_rate"], summary
+    assert trained["delta"]["eval_loss"] == trained["eval_loss"] - base["eval_loss"]
