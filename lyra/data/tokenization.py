@@ -1,19 +1,27 @@
 """Turning conversations into training examples with assistant-only labels.
 
 Each assistant turn becomes one example: the prompt is exactly what `lyra.chat` feeds the model
-for that history (the tokenizer's chat template, `enable_thinking=False`, generation prompt on),
-and only the reply plus its `<|im_end|>` is supervised. Qwen3's template puts an empty
-`<think>\n\n</think>\n\n` block only before the *last* assistant turn, so rendering a whole
-multi-turn chat as one sequence would train earlier turns on a context chat never produces.
+for that history (the tokenizer's chat template, `enable_thinking=False`, generation prompt on,
+the conversation's `tools=`), and only the reply (its text and its tool calls) plus its
+`<|im_end|>` is supervised. Qwen3's template puts an empty `<think>\n\n</think>\n\n` block only
+before the *last* assistant turn, so rendering a whole multi-turn chat as one sequence would train
+earlier turns on a context chat never produces.
+
+Where the template renders a reply differently inside the history than after a generation prompt
+(an assistant turn right after the system prompt, at the very start, or right after another
+assistant turn), the example is still the generation prompt followed by the reply as the template
+renders it after a user turn: what chat would produce. Turns with OpenAI `"weight": 0` are context only.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from lyra.data.formats import Conversation
 
 IGNORE_INDEX = -100
+_CANONICAL_USER = {"role": "user", "content": "."}  # a neutral turn to render a reply after
 
 
 @dataclass
@@ -31,39 +39,81 @@ def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None
     return list(messages)
 
 
-def chat_prompt_ids(messages: list[dict[str, str]], tokenizer) -> list[int]:
+def render(messages: list[dict], tokenizer, tools: list[dict] | None = None,
+           add_generation_prompt: bool = False) -> str:
+    """The chat template's text for `messages` (non-thinking), with `tools=` when given."""
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, enable_thinking=False)
+
+
+def chat_prompt_ids(messages: list[dict[str, str]], tokenizer, tools: list[dict] | None = None) -> list[int]:
     """Token ids the model sees before it writes the next assistant reply (shared with chat)."""
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                              enable_thinking=False, return_dict=True)["input_ids"])
-
-
-def encode_turn(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for the last message of `messages`, which must be an assistant turn."""
-    prompt = chat_prompt_ids(messages[:-1], tokenizer)
-    full = list(tokenizer.apply_chat_template(messages, tokenize=True, enable_thinking=False,
+    return list(tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=True,
+                                              add_generation_prompt=True, enable_thinking=False,
                                               return_dict=True)["input_ids"])
-    if full[: len(prompt)] != prompt:
+
+
+def turn_texts(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> tuple[str, str]:
+    """(prompt, prompt + reply) as text for the last message of `messages`, an assistant turn."""
+    if len(messages) < 2:
+        raise ValueError("the conversation opens with an assistant turn and has no system prompt, so there is no "
+                         "prompt to answer: add the user turn it answers, or set a system prompt")
+    prompt = render(messages[:-1], tokenizer, tools, add_generation_prompt=True)
+    full = render(messages, tokenizer, tools)
+    if full.startswith(prompt):
+        return prompt, full
+    # The template renders this reply differently in history (no think block, say): train it as
+    # chat would produce it, i.e. after the generation prompt, rendered as after a user turn.
+    canonical_prompt = render([_CANONICAL_USER], tokenizer, tools, add_generation_prompt=True)
+    canonical = render([_CANONICAL_USER, messages[-1]], tokenizer, tools)
+    if not canonical.startswith(canonical_prompt):
+        raise ValueError("the chat template renders this reply differently with and without it; "
+                         "this template cannot be trained turn by turn")
+    return prompt, prompt + canonical[len(canonical_prompt):]
+
+
+def _example(prompt_ids: list[int], full_ids: list[int], tokenizer) -> tuple[list[int], list[int]]:
+    if full_ids[: len(prompt_ids)] != prompt_ids:
         raise ValueError("chat template rendered the prompt differently with and without the reply")
-    end = full.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), len(prompt)) + 1
-    input_ids = full[:end]  # the template's trailing "\n" after <|im_end|> is never generated
-    labels = [IGNORE_INDEX] * len(prompt) + input_ids[len(prompt):]
+    end = full_ids.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), len(prompt_ids)) + 1
+    input_ids = full_ids[:end]  # the template's trailing "\n" after <|im_end|> is never generated
+    labels = [IGNORE_INDEX] * len(prompt_ids) + input_ids[len(prompt_ids):]
     return input_ids, labels
+
+
+def encode_turn(messages: list[dict[str, str]], tokenizer, tools: list[dict] | None = None
+                ) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for the last message of `messages`, which must be an assistant turn."""
+    prompt, full = turn_texts(messages, tokenizer, tools)
+    encode = tokenizer(  # the texts hold the template's special tokens already
+        [prompt, full], add_special_tokens=False)["input_ids"]
+    return _example(list(encode[0]), list(encode[1]), tokenizer)
 
 
 def encode_conversation(conversation: Conversation, tokenizer, max_length: int,
                         system_prompt: str | None, stats: EncodeStats | None = None) -> list[dict]:
-    """One example per assistant turn; a turn that does not fit ends the conversation."""
-    stats = stats if stats is not None else EncodeStats()
+    """One example per supervised assistant turn; a turn that does not fit ends the conversation."""
+    turns = [encode_turn(messages, tokenizer, conversation.tools)
+             for messages in supervised_prefixes(conversation, system_prompt)]
+    return truncate(turns, max_length, stats)
+
+
+def supervised_prefixes(conversation: Conversation, system_prompt: str | None) -> list[list[dict]]:
+    """The history up to and including each assistant turn that is trained on."""
     messages = with_system_prompt(conversation.messages, system_prompt)
-    examples = []
+    return [messages[: index + 1] for index, message in enumerate(messages)
+            if message["role"] == "assistant" and message.get("weight", 1) != 0]
+
+
+def truncate(turns: list[tuple[list[int], list[int]]], max_length: int, stats: EncodeStats | None = None
+             ) -> list[dict]:
+    """Examples of one conversation's turns, up to the first that exceeds max_length (counted)."""
+    stats = stats if stats is not None else EncodeStats()
     stats.conversations += 1
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        input_ids, labels = encode_turn(messages[: index + 1], tokenizer)
+    examples = []
+    for position, (input_ids, labels) in enumerate(turns):
         if len(input_ids) > max_length:
-            remaining = sum(m["role"] == "assistant" for m in messages[index:])
-            stats.dropped_turns += remaining
+            stats.dropped_turns += len(turns) - position
             stats.truncated_conversations += 1
             break
         examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
@@ -77,3 +127,47 @@ def encode_conversations(conversations: list[Conversation], tokenizer, max_lengt
     examples = [example for conversation in conversations
                 for example in encode_conversation(conversation, tokenizer, max_length, system_prompt, stats)]
     return examples, stats
+
+
+class ChunkTokenizer:
+    """Batch tokenization that tokenizes each piece of text between special tokens once.
+
+    Consecutive turns of a conversation share their history, so tokenizing every example whole is
+    quadratic in the conversation; the tokenizer splits at added tokens before anything else, so
+    the pieces between them can be tokenized once and reused. `verified` checks the result against
+    whole-text tokenization on the first texts and falls back to it on any difference.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        added = {token.content: index for index, token in tokenizer.added_tokens_decoder.items()}
+        self.added = added
+        self.split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")")
+        self.memo: dict[str, list[int]] = {}
+        self.exact: bool | None = None  # None until verified
+
+    def _whole(self, texts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.exact is False or not self.added:
+            return self._whole(texts)
+        pieces = [self.split.split(text) for text in texts]
+        missing = list({piece for parts in pieces for piece in parts[0::2] if piece and piece not in self.memo})
+        if missing:
+            self.memo.update(zip(missing, self._whole(missing)))
+        encoded = []
+        for parts in pieces:
+            ids: list[int] = []
+            for position, piece in enumerate(parts):
+                if position % 2:
+                    ids.append(self.added[piece])
+                elif piece:
+                    ids.extend(self.memo[piece])
+            encoded.append(ids)
+        if self.exact is None:
+            sample = texts[:32]
+            self.exact = self._whole(sample) == encoded[: len(sample)]
+            if not self.exact:
+                return self._whole(texts)
+        return encoded
