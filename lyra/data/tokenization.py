@@ -147,6 +147,8 @@ class ChunkTokenizer:
         self.exact: bool | None = None  # None until verified
 
     def _whole(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def encode(self, texts: list[str]) -> list[list[int]]:

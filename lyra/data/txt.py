@@ -113,7 +113,7 @@ def parse_txt(text: str, path: Path, labels: dict[str, str] | None = None
             block.messages.append({"role": role, "lines": [match.group(2)] if match.group(2) else [], "line": number})
         elif block.messages:
             block.messages[-1]["lines"].append(line)
-        else:
+        elif not block.broken:  # one problem per conversation: it costs one conversation
             block.broken = True
             problems.append(Problem(path, number, _unlabelled(match)))
     conversations, seen_ids = [], {}

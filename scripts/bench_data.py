@@ -1,0 +1,79 @@
+"""Benchmark the data pipeline on a ~20 MB, 32,000-conversation file: stats and first-run tokenization.
+
+    python scripts/bench_data.py                 # generate, then time first run / cached run / stats
+    python scripts/bench_data.py --peer          # also the turn-by-turn encoder (lyra.data.encode_conversations)
+
+The file is generated from the embedded corpus (real-shaped seed records: 1-2 corpus conversations
+joined into one, ~60% single-reply), so its token lengths are those of real persona chats. Every
+figure is wall-clock seconds on this machine; the load average is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lyra.data import corpus_file
+
+
+def generate(path: Path, conversations: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    source = [json.loads(line) for line in corpus_file("train").read_text(encoding="utf-8").splitlines()]
+    with path.open("w", encoding="utf-8") as out:
+        for index in range(conversations):
+            turns = []
+            for record in rng.sample(source, rng.choice([1, 1, 1, 2, 2])):
+                turns += [turn for turn in record["conversations"] if turn["from"] != "system"]
+            turns[-1] = dict(turns[-1], value=f"{turns[-1]['value']}（第{index}則）")  # no exact duplicates
+            out.write(json.dumps({"id": f"bench-{index}", "conversations": turns}, ensure_ascii=False) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--conversations", type=int, default=32000)
+    parser.add_argument("--peer", action="store_true", help="also time the turn-by-turn encoder")
+    args = parser.parse_args()
+    from lyra.data.prepare import prepare_file
+    from lyra.data.stats import prepared_stats, qwen3_tokenizer, training_defaults
+    from lyra.data.tokenization import encode_conversations
+
+    max_length, system_prompt = training_defaults()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.jsonl"
+        generate(path, args.conversations)
+        started = time.perf_counter()
+        tokenizer = qwen3_tokenizer()
+        timings = {"tokenizer_load_s": time.perf_counter() - started}
+        started = time.perf_counter()
+        prepared = prepare_file(path, tokenizer, system_prompt, cache_dir=Path(tmp) / "cache")
+        timings["first_run_read_and_tokenize_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        examples, _ = prepared.examples(max_length)
+        timings["examples_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        stats = prepared_stats(prepared, max_length)
+        timings["stats_from_tokenized_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        cached = prepare_file(path, tokenizer, system_prompt, cache_dir=Path(tmp) / "cache")
+        timings["cached_run_s"] = time.perf_counter() - started
+        assert cached.from_cache and cached.turns == prepared.turns
+        if args.peer:
+            started = time.perf_counter()
+            peer, _ = encode_conversations(prepared.conversations, tokenizer, max_length, system_prompt)
+            timings["peer_turn_by_turn_s"] = time.perf_counter() - started
+            assert [e["input_ids"] for e in peer] == [e["input_ids"] for e in examples]
+            timings["speedup_vs_peer"] = timings["peer_turn_by_turn_s"] / timings["first_run_read_and_tokenize_s"]
+        print(json.dumps({"file_mb": round(path.stat().st_size / 1e6, 1), "conversations": stats["conversations"],
+                          "examples": len(examples), "load_average": os.getloadavg(), "cpus": os.cpu_count(),
+                          **{k: round(v, 2) for k, v in timings.items()}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
