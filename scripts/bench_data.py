@@ -34,6 +34,11 @@ def generate(path: Path, conversations: int, seed: int = 0) -> None:
             out.write(json.dumps({"id": f"bench-{index}", "conversations": turns}, ensure_ascii=False) + "\n")
 
 
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conversations", type=int, default=32000)
@@ -50,9 +55,10 @@ def main() -> int:
         started = time.perf_counter()
         tokenizer = qwen3_tokenizer()
         timings = {"tokenizer_load_s": time.perf_counter() - started}
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _cpu_seconds()
         prepared = prepare_file(path, tokenizer, system_prompt, cache_dir=Path(tmp) / "cache")
         timings["first_run_read_and_tokenize_s"] = time.perf_counter() - started
+        timings["first_run_cpu_s"] = _cpu_seconds() - cpu  # this process + its render workers
         started = time.perf_counter()
         examples, _ = prepared.examples(max_length)
         timings["examples_s"] = time.perf_counter() - started

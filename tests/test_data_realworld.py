@@ -127,7 +127,8 @@ def test_damage_costs_only_the_damaged_record_and_counts_are_true(name, kept, sk
 def test_a_broken_element_of_a_one_line_array_costs_that_element_only(tmp_path):
     good = '{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}'
     path = tmp_path / "one_line.json"
-    path.write_text(f'[{good}, {{"conversations": [{{"from": "human" "value": "x"}}]}}, {good}, {good}]')
+    broken = '{"conversations": [{"from": "human" "value": "x"}, {"from": "gpt", "value": "y"}]}'
+    path.write_text(f"[{good}, {broken}, {good}, {good}]")
     conversations, problems = read_conversations(path)
     assert len(conversations) == 3 and len(problems) == 1 and problems[0].drops == 1
 

@@ -431,22 +431,49 @@ class _Lines:
         return index - self.starts[self.line(index) - 1] + 1
 
 
-def _resync(text: str, start: int, after: int) -> int | None:
-    """Where the element after a broken one (starting at `start`) probably begins, or None.
+def _element_end(text: str, start: int) -> int | None:
+    """Where the bracketed value opening at `start` closes, counting brackets outside strings."""
+    depth, in_string, escaped = 0, False, False
+    for index in range(start, len(text)):
+        character = text[index]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif character == "\\":
+                escaped = True
+            elif character == '"':
+                in_string = False
+        elif character == '"':
+            in_string = True
+        elif character in "{[":
+            depth += 1
+        elif character in "}]":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return None
 
-    Pretty-printed arrays put every element at the same indentation, so the next line that opens an
-    object at the broken element's indentation is the next element; a one-line array falls back to
-    the next `{` that follows a `}` and a comma.
+
+def _resync(text: str, start: int, after: int) -> int | None:
+    """Where the element after a broken one (starting at `start`) begins, or None when none follows.
+
+    Pretty-printed arrays put every element at the same indentation, so the next line that opens a
+    value at the broken element's indentation is the next element (robust to a missing quote). A
+    one-line array is resumed after the broken element's closing bracket, found by counting.
     """
     line_start = text.rfind("\n", 0, start) + 1
     indent = text[line_start:start]
     if not indent.strip():  # the element opens its own line
-        pattern = re.compile(r"\n" + re.escape(indent) + r"[{\[]")
-        match = pattern.search(text, after)
-        if match:
-            return match.end() - 1
-    match = re.compile(r"[}\]]\s*,\s*(?=[{\[])").search(text, after)
-    return match.end() if match else None
+        match = re.compile(r"\n" + re.escape(indent) + r"[{\[]").search(text, after)
+        return match.end() - 1 if match else None
+    end = _element_end(text, start)
+    if end is None:
+        return None
+    following = _skip_whitespace(text, end)
+    if following < len(text) and text[following] == ",":
+        following = _skip_whitespace(text, following + 1)
+        return following if following < len(text) and text[following] in "{[" else None
+    return None
 
 
 def _json_array_records(text: str, path: Path, progress=None) -> tuple[list[tuple[int, Any]], list[Problem]]:
@@ -518,7 +545,7 @@ def _progress(path: Path, total: int, what: str):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"{what} {path.name}", unit="B", unit_scale=True, leave=False)
+    return tqdm(total=total, desc=f"{what} {path.name}", unit="char", unit_scale=True, leave=False)
 
 
 def read_file(path: str | Path, labels: dict[str, str] | None = None) -> FileReport:

@@ -154,6 +154,65 @@ def _save_cached(path: Path, turns: list, errors: dict[int, str]) -> None:
         raise
 
 
+PARALLEL_MIN_CONVERSATIONS = 2000  # below this, forking render workers costs more than it saves
+_RENDER_JOB: tuple | None = None  # (conversations, tokenizer, system_prompt), inherited by forked workers
+
+
+def _render_conversation(conversation: Conversation, tokenizer, system_prompt: str | None
+                         ) -> list[tuple[int, str, str]] | str:
+    """(message number, prompt text, prompt + reply text) per supervised turn, or why it cannot render."""
+    numbers = [n for n, m in enumerate(conversation.messages, start=1)
+               if m["role"] == "assistant" and m.get("weight", 1) != 0]
+    texts = []
+    for number, messages in zip(numbers, supervised_prefixes(conversation, system_prompt)):
+        try:
+            prompt, full = turn_texts(messages, tokenizer, conversation.tools)
+        except Exception as error:  # a template may raise anything (jinja raise_exception, TypeError)
+            why = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+            return f"message {number} (assistant): {why}"
+        texts.append((number, prompt, full))
+    return texts
+
+
+def _render_range(bounds: tuple[int, int]) -> list:
+    conversations, tokenizer, system_prompt = _RENDER_JOB
+    return [_render_conversation(conversations[i], tokenizer, system_prompt) for i in range(*bounds)]
+
+
+def _rendered(conversations: list[Conversation], tokenizer, system_prompt: str | None, bar):
+    """Rendered texts of every conversation, in order; big files render in forked worker processes.
+
+    Rendering the chat template (jinja, in a sandbox) is most of the cost and pure Python, so it
+    only scales with processes; the workers inherit the tokenizer by fork and send back text.
+    """
+    global _RENDER_JOB
+    import multiprocessing
+
+    workers = min(4, os.cpu_count() or 1)
+    step = 500
+    ranges = [(start, min(start + step, len(conversations))) for start in range(0, len(conversations), step)]
+    if (len(conversations) < PARALLEL_MIN_CONVERSATIONS or workers < 2
+            or "fork" not in multiprocessing.get_all_start_methods()):
+        for bounds in ranges:
+            yield from _render_range_local(conversations, tokenizer, system_prompt, bounds)
+            bar.update(bounds[1] - bounds[0])
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    _RENDER_JOB = (conversations, tokenizer, system_prompt)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for bounds, rendered in zip(ranges, pool.map(_render_range, ranges)):
+                yield from rendered
+                bar.update(bounds[1] - bounds[0])
+    finally:
+        _RENDER_JOB = None
+
+
+def _render_range_local(conversations, tokenizer, system_prompt, bounds):
+    return [_render_conversation(conversations[i], tokenizer, system_prompt) for i in range(*bounds)]
+
+
 def encode_all(conversations: list[Conversation], tokenizer, system_prompt: str | None, progress: bool = False
                ) -> tuple[list[list[tuple[list[int], int]]], dict[int, str]]:
     """Every supervised turn of every conversation as (input_ids, prompt length), and why any failed.
@@ -164,18 +223,18 @@ def encode_all(conversations: list[Conversation], tokenizer, system_prompt: str 
 
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     chunks = ChunkTokenizer(tokenizer)
-    turns: list[list[tuple[list[int], int]]] = []
+    turns: list[list[tuple[list[int], int]]] = [[] for _ in conversations]
     errors: dict[int, str] = {}
-    batch: list[tuple[int, int, str, str]] = []  # (conversation, turn, prompt text, full text)
+    batch: list[tuple[int, int, str, str]] = []  # (conversation, message number, prompt text, full text)
 
     def flush():
         encoded = chunks.encode([text for item in batch for text in item[2:]])
-        for position, (conversation, turn, _, _) in enumerate(batch):
+        for position, (conversation, number, _, _) in enumerate(batch):
             prompt, full = encoded[2 * position], encoded[2 * position + 1]
             if conversation in errors:
                 continue
             if full[: len(prompt)] != prompt or end_id not in full[len(prompt):]:
-                errors[conversation] = (f"assistant turn {turn}: the chat template tokenizes the prompt "
+                errors[conversation] = (f"message {number} (assistant): the chat template tokenizes the prompt "
                                         "differently with and without the reply; check this turn's text")
                 continue
             end = full.index(end_id, len(prompt)) + 1
@@ -183,21 +242,13 @@ def encode_all(conversations: list[Conversation], tokenizer, system_prompt: str 
         batch.clear()
 
     bar = tqdm(total=len(conversations), desc="encoding", unit="conv", leave=False, disable=not progress)
-    for index, conversation in enumerate(conversations):
-        turns.append([])
-        numbers = [n for n, m in enumerate(conversation.messages, start=1) if m["role"] == "assistant"
-                   and m.get("weight", 1) != 0]
-        for number, messages in zip(numbers, supervised_prefixes(conversation, system_prompt)):
-            try:
-                prompt, full = turn_texts(messages, tokenizer, conversation.tools)
-            except Exception as error:  # a template may raise anything (jinja raise_exception, TypeError)
-                why = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
-                errors[index] = f"message {number} (assistant): {why}"
-                break
-            batch.append((index, number, prompt, full))
-        if len(batch) >= 2048:
+    for index, rendered in enumerate(_rendered(conversations, tokenizer, system_prompt, bar)):
+        if isinstance(rendered, str):
+            errors[index] = rendered
+            continue
+        batch.extend((index, number, prompt, full) for number, prompt, full in rendered)
+        if len(batch) >= 4096:
             flush()
-        bar.update()
     flush()
     bar.close()
     for index in errors:
