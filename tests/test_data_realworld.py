@@ -253,3 +253,16 @@ def test_chunk_tokenizer_matches_whole_text_tokenization(tokenizer):
     chunks = ChunkTokenizer(tokenizer)
     assert chunks.encode(texts) == [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     assert chunks.exact is True
+
+
+def test_the_training_dataset_is_the_examples(tokenizer):
+    from datasets import Dataset
+
+    prepared = prepare_file(FIXTURES / "alpaca_demo.json", tokenizer, SYSTEM)
+    longest = max(len(ids) for turns in prepared.turns for ids, _ in turns)
+    for max_length in (4096, longest - 1, 8):
+        dataset, stats = prepared.dataset(max_length)
+        examples, expected_stats = prepared.examples(max_length)
+        assert stats == expected_stats
+        assert [dict(row) for row in dataset] == [dict(row) for row in Dataset.from_list(examples)] if examples \
+            else len(dataset) == 0

@@ -73,8 +73,6 @@ def build_datasets(data_cfg: DictConfig, tokenizer, cache_dir: str | Path | None
     truncation, inserted system prompts, ignored fields and duplicate replies are logged and counted.
     `cache_dir` (paths.cache_dir) keeps the tokenized data for the next run on the same file.
     """
-    from datasets import Dataset
-
     labels = data_labels(data_cfg)
     splits, skipped, inserted = {}, 0, 0
     for split in ("train", "eval"):
@@ -96,14 +94,14 @@ def build_datasets(data_cfg: DictConfig, tokenizer, cache_dir: str | Path | None
             log.warning("%s: %d of %d assistant replies (%.0f%%) repeat another reply; the model will learn them "
                         "by heart (list them: python -m lyra.data stats %s)", path.name, duplicates, replies,
                         100 * duplicates / replies, path)
-        examples, stats = prepared.examples(data_cfg.max_length)
+        dataset, stats = prepared.dataset(data_cfg.max_length)
         if stats.dropped_turns:
             log.warning("%s: %d assistant turns in %d conversations exceed data.max_length=%d and were dropped",
                         path.name, stats.dropped_turns, stats.truncated_conversations, data_cfg.max_length)
-        if not examples:
+        if not len(dataset):
             raise UserError("data.max_length", f"no example of {path} fits in {data_cfg.max_length} tokens; raise it")
-        log.info("%s split: %d conversations -> %d examples (%s%s)", split, stats.conversations, len(examples), path,
+        log.info("%s split: %d conversations -> %d examples (%s%s)", split, stats.conversations, len(dataset), path,
                  ", tokenized earlier: cached" if prepared.from_cache else "")
-        splits[split] = (Dataset.from_list(examples), stats)
+        splits[split] = (dataset, stats)
     return DatasetSplits(train=splits["train"][0], eval=splits["eval"][0], train_stats=splits["train"][1],
                          eval_stats=splits["eval"][1], skipped=skipped, system_prompt_inserted=inserted)

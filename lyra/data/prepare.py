@@ -15,6 +15,7 @@ runs and sweep jobs on the same data tokenize it once (max_length is applied aft
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -75,6 +76,37 @@ class Prepared:
                                  "labels": [IGNORE_INDEX] * prompt_length + input_ids[prompt_length:]})
         stats.examples = len(examples)
         return examples, stats
+
+    def dataset(self, max_length: int):
+        """`examples(max_length)` as a datasets.Dataset, built from flat arrays (no per-token Python)."""
+        import pyarrow as pa
+        from datasets import Dataset
+        from datasets.table import InMemoryTable
+
+        stats = EncodeStats()
+        kept: list[tuple[list[int], int]] = []
+        for turns in self.turns:
+            stats.conversations += 1
+            fits = next((position for position, (ids, _) in enumerate(turns) if len(ids) > max_length), len(turns))
+            if fits < len(turns):
+                stats.dropped_turns += len(turns) - fits
+                stats.truncated_conversations += 1
+            kept.extend(turns[:fits])
+        stats.examples = len(kept)
+        lengths = np.fromiter((len(ids) for ids, _ in kept), dtype=np.int64, count=len(kept))
+        offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in kept), dtype=np.int64, count=int(offsets[-1]))
+        prompts = np.fromiter((prompt for _, prompt in kept), dtype=np.int64, count=len(kept))
+        prompt_mask = np.zeros(len(ids) + 1, dtype=np.int64)  # +1 at each example start, -1 where its reply starts
+        np.add.at(prompt_mask, offsets[:-1], 1)
+        np.add.at(prompt_mask, offsets[:-1] + prompts, -1)
+        labels = np.where(np.cumsum(prompt_mask[:-1]) > 0, IGNORE_INDEX, ids)
+        list_array = pa.ListArray if offsets[-1] < 2**31 else pa.LargeListArray  # the type from_list would give
+        offset_array = pa.array(offsets, type=pa.int32() if list_array is pa.ListArray else pa.int64())
+        columns = {name: list_array.from_arrays(offset_array, pa.array(values))
+                   for name, values in (("input_ids", ids), ("attention_mask", np.ones_like(ids)), ("labels", labels))}
+        return Dataset(InMemoryTable(pa.table(columns))), stats
 
     def duplicate_reply_share(self) -> tuple[int, int]:
         """(assistant replies that repeat an earlier one, all assistant replies)."""
