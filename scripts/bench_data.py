@@ -1,7 +1,7 @@
 """Benchmark the data pipeline on a ~20 MB, 32,000-conversation file: stats and first-run tokenization.
 
     python scripts/bench_data.py                 # generate, then time first run / cached run / stats
-    python scripts/bench_data.py --peer          # also the turn-by-turn encoder (lyra.data.encode_conversations)
+    python scripts/bench_data.py --peer          # also lyra's previous encoder, side by side
 
 The file is generated from the embedded corpus (real-shaped seed records: 1-2 corpus conversations
 joined into one, ~60% single-reply), so its token lengths are those of real persona chats. Every
@@ -34,6 +34,29 @@ def generate(path: Path, conversations: int, seed: int = 0) -> None:
             out.write(json.dumps({"id": f"bench-{index}", "conversations": turns}, ensure_ascii=False) + "\n")
 
 
+def previous_encoder(conversations, tokenizer, max_length: int, system_prompt: str | None) -> list[list[int]]:
+    """lyra's encoder before the shared prepare step: two tokenizing template calls per turn, one turn at a time."""
+    from lyra.data.tokenization import with_system_prompt
+
+    def ids(messages, **kwargs):
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, enable_thinking=False, return_dict=True,
+                                                  **kwargs)["input_ids"])
+
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    examples = []
+    for conversation in conversations:
+        messages = with_system_prompt(conversation.messages, system_prompt)
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt, full = ids(messages[:index], add_generation_prompt=True), ids(messages[: index + 1])
+            input_ids = full[: full.index(end_id, len(prompt)) + 1]
+            if len(input_ids) > max_length:
+                break
+            examples.append(input_ids)
+    return examples
+
+
 def _cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system + times.children_user + times.children_system
@@ -42,11 +65,10 @@ def _cpu_seconds() -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conversations", type=int, default=32000)
-    parser.add_argument("--peer", action="store_true", help="also time the turn-by-turn encoder")
+    parser.add_argument("--peer", action="store_true", help="also time lyra's previous encoder on the same file")
     args = parser.parse_args()
     from lyra.data.prepare import prepare_file
     from lyra.data.stats import prepared_stats, qwen3_tokenizer, training_defaults
-    from lyra.data.tokenization import encode_conversations
 
     max_length, system_prompt = training_defaults()
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,15 +87,15 @@ def main() -> int:
         prepared = timed("first_run_read_and_tokenize",
                          lambda: prepare_file(path, tokenizer, system_prompt, cache_dir=Path(tmp) / "cache"))
         examples, _ = timed("examples", lambda: prepared.examples(max_length))
-        timed("dataset_from_list", lambda: __import__("datasets").Dataset.from_list(examples))
+        timed("training_dataset", lambda: prepared.dataset(max_length))  # what build_datasets hands the Trainer
         stats = timed("stats_from_tokenized", lambda: prepared_stats(prepared, max_length))
         cached = timed("cached_run_read_and_load",
                        lambda: prepare_file(path, tokenizer, system_prompt, cache_dir=Path(tmp) / "cache"))
         assert cached.from_cache and cached.turns == prepared.turns
         if args.peer:
-            peer, _ = timed("peer_turn_by_turn",
-                            lambda: encode_conversations(prepared.conversations, tokenizer, max_length, system_prompt))
-            assert [e["input_ids"] for e in peer] == [e["input_ids"] for e in examples]
+            peer = timed("peer_turn_by_turn",
+                         lambda: previous_encoder(prepared.conversations, tokenizer, max_length, system_prompt))
+            assert peer == [e["input_ids"] for e in examples]  # same examples, token for token
             timings["speedup_vs_peer_cpu"] = (timings["peer_turn_by_turn_cpu_s"]
                                               / timings["first_run_read_and_tokenize_cpu_s"])
         print(json.dumps({"file_mb": round(path.stat().st_size / 1e6, 1), "conversations": stats["conversations"],

@@ -177,7 +177,8 @@ def _tools(record: dict) -> list[dict] | None:
     try:
         tools = _json_value(record["tools"])
     except json.JSONDecodeError as error:
-        raise _Bad(f'"tools" is a string that is not valid JSON ({error.msg}); give a list of function schemas') from None
+        raise _Bad(f'"tools" is a string that is not valid JSON ({error.msg}); '
+                   "give a list of function schemas") from None
     if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
         raise _Bad(f'"tools" must be a list of function schemas, got {_type_name(tools)}')
     if not tools:
@@ -214,7 +215,8 @@ def _turns(record: dict) -> tuple[str, list]:
         turns = []
         for prompt, response in history:
             turns += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        prompt = f"{record['instruction']}\n{extra}" if record["instruction"] and extra else record["instruction"] or extra
+        instruction = record["instruction"]
+        prompt = f"{instruction}\n{extra}" if instruction and extra else instruction or extra
         return "instruction", [*turns, {"role": "user", "content": prompt},
                                {"role": "assistant", "content": record["output"]}]
     raise _Bad('missing "conversations" (or OpenAI "messages", alpaca "instruction"/"output", '

@@ -92,7 +92,8 @@ def prepared_stats(prepared: Prepared, max_length: int) -> dict[str, Any]:
         "assistant_turns": roles["assistant"],
         "multi_turn": multi_turn,
         "multi_turn_share": round(multi_turn / len(conversations), 4) if conversations else 0.0,
-        "roles": {role: roles[role] for role in ("system", "user", "assistant", "tool") if role != "tool" or roles[role]},
+        "roles": {role: roles[role] for role in ("system", "user", "assistant", "tool")
+                  if role != "tool" or roles[role]},  # tool results only where there are any
         "duplicate_assistant_replies": duplicate_replies,
         "duplicate_user_messages": sum(count - 1 for count in users.values() if count > 1),
         "example_tokens": _percentiles(lengths),

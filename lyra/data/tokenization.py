@@ -7,14 +7,16 @@ the conversation's `tools=`), and only the reply (its text and its tool calls) p
 before the *last* assistant turn, so rendering a whole multi-turn chat as one sequence would train
 earlier turns on a context chat never produces.
 
-Where the template renders a reply differently inside the history than after a generation prompt
-(an assistant turn right after the system prompt, at the very start, or right after another
-assistant turn), the example is still the generation prompt followed by the reply as the template
-renders it after a user turn: what chat would produce. Turns with OpenAI `"weight": 0` are context only.
+The reply is rendered as the template writes it right after a generation prompt (`reply_text`), so
+an assistant turn right after the system prompt, at the very start, or right after another
+assistant turn trains on the prompt chat builds for that history, as every other turn does.
+Turns with OpenAI `"weight": 0` are context only.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from dataclasses import dataclass
 
@@ -53,23 +55,39 @@ def chat_prompt_ids(messages: list[dict[str, str]], tokenizer, tools: list[dict]
                                               return_dict=True)["input_ids"])
 
 
+@functools.lru_cache(maxsize=64)
+def _reply_header(tokenizer, tools_json: str) -> str:
+    """The text every reply follows: a neutral user turn and the generation prompt."""
+    return render([_CANONICAL_USER], tokenizer, json.loads(tools_json), add_generation_prompt=True)
+
+
+def reply_text(message: dict, tokenizer, tools: list[dict] | None = None) -> str:
+    """An assistant message as the template renders it right after a generation prompt: text, tool calls, end.
+
+    Rendered after a neutral user turn rather than inside the conversation's history: the history
+    only changes how a reply renders *in* history (Qwen3 drops its think block there), never how the
+    model writes it after the generation prompt. Two short renders instead of the whole history.
+    """
+    tools_json = json.dumps(tools or None, sort_keys=True)
+    header = _reply_header(tokenizer, tools_json)
+    rendered = render([_CANONICAL_USER, message], tokenizer, tools)
+    if not rendered.startswith(header):
+        raise ValueError("the chat template renders a reply differently from its generation prompt; "
+                         "this template cannot be trained turn by turn")
+    return rendered[len(header):]
+
+
 def turn_texts(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> tuple[str, str]:
-    """(prompt, prompt + reply) as text for the last message of `messages`, an assistant turn."""
+    """(prompt, prompt + reply) as text for the last message of `messages`, an assistant turn.
+
+    The prompt is what chat feeds the model for the history, whatever its order of roles (an
+    assistant turn right after the system prompt, or right after another assistant turn, included).
+    """
     if len(messages) < 2:
         raise ValueError("the conversation opens with an assistant turn and has no system prompt, so there is no "
                          "prompt to answer: add the user turn it answers, or set a system prompt")
     prompt = render(messages[:-1], tokenizer, tools, add_generation_prompt=True)
-    full = render(messages, tokenizer, tools)
-    if full.startswith(prompt):
-        return prompt, full
-    # The template renders this reply differently in history (no think block, say): train it as
-    # chat would produce it, i.e. after the generation prompt, rendered as after a user turn.
-    canonical_prompt = render([_CANONICAL_USER], tokenizer, tools, add_generation_prompt=True)
-    canonical = render([_CANONICAL_USER, messages[-1]], tokenizer, tools)
-    if not canonical.startswith(canonical_prompt):
-        raise ValueError("the chat template renders this reply differently with and without it; "
-                         "this template cannot be trained turn by turn")
-    return prompt, prompt + canonical[len(canonical_prompt):]
+    return prompt, prompt + reply_text(messages[-1], tokenizer, tools)
 
 
 def _example(prompt_ids: list[int], full_ids: list[int], tokenizer) -> tuple[list[int], list[int]]:
