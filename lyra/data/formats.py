@@ -565,8 +565,11 @@ def read_file(path: str | Path, labels: dict[str, str] | None = None) -> FileRep
     if path.suffix.lower() == ".txt":
         from lyra.data.txt import parse_txt
 
+        if problems:  # a blanked line would split a transcript's conversation in two: fix the bytes first
+            return FileReport(path, [], problems)
+
         conversations, txt_problems = parse_txt(text, path, labels)
-        return FileReport(path, conversations, sorted(problems + txt_problems, key=lambda p: p.line))
+        return FileReport(path, conversations, txt_problems)
     stripped = text.lstrip()
     if path.suffix.lower() != ".json" and stripped.startswith("[") and "\n" in stripped.strip():
         rows = len(text.splitlines())

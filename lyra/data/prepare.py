@@ -31,7 +31,7 @@ from lyra.data.tokenization import IGNORE_INDEX, ChunkTokenizer, EncodeStats, su
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the encoding of a conversation changes
+CACHE_VERSION = 2  # bump when the encoding of a conversation changes
 DUPLICATE_WARNING_SHARE = 0.2  # training warns when more assistant replies than this repeat another
 
 

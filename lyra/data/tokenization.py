@@ -68,7 +68,7 @@ def reply_text(message: dict, tokenizer, tools: list[dict] | None = None) -> str
     only changes how a reply renders *in* history (Qwen3 drops its think block there), never how the
     model writes it after the generation prompt. Two short renders instead of the whole history.
     """
-    tools_json = json.dumps(tools or None, sort_keys=True)
+    tools_json = json.dumps(tools or None)  # key order kept: the template prints tools as given
     header = _reply_header(tokenizer, tools_json)
     rendered = render([_CANONICAL_USER, message], tokenizer, tools)
     if not rendered.startswith(header):
