@@ -91,7 +91,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = build_tokenizer(cfg.model)
     validate_max_length(cfg.data.max_length, cfg.data.system_prompt, tokenizer)
 
-    splits = build_datasets(cfg.data, tokenizer)
+    splits = build_datasets(cfg.data, tokenizer, cache_dir=cfg.paths.cache_dir)  # tokenized once per file
 
     dtype = resolve_dtype(cfg.model.dtype)
     quantization_config = build_quantization(cfg.quantization, dtype)
@@ -145,6 +145,7 @@ def collect_metrics(trainer, result, splits, probes, args, trainable_params: int
         "train_examples": len(splits.train),
         "dropped_turns": splits.train_stats.dropped_turns,
         "skipped_conversations": splits.skipped,  # invalid ones, under data.on_invalid=skip
+        "system_prompt_inserted": splits.system_prompt_inserted,  # conversations that had no system message
         "world_size": args.world_size,
     }
     if splits.eval is not None:

@@ -33,7 +33,8 @@ MALFORMED = {
     "invalid_json": ('{"conversations": [{"from": "user", "value": "嗨"}',
                      "invalid JSON at column 50: Expecting ',' delimiter"),
     "not_an_object": ('["user", "嗨"]', "expected a JSON object, got an array"),
-    "missing_conversations": ('{"id": 7, "dialogue": []}', 'missing "conversations" (or OpenAI-style "messages")'),
+    "missing_conversations": ('{"id": 7, "dialogue": []}', 'missing "conversations" (or OpenAI "messages", alpaca "instruction"/"output", '
+                              'Firefly "conversation")'),
     "conversation_not_a_list": ('{"conversations": {"from": "user", "value": "嗨"}}',
                                 '"conversations" must be a list of messages, got an object'),
     "message_without_role": ('{"conversations": [{"value": "嗨"}, {"from": "assistant", "value": "好"}]}',
@@ -43,7 +44,8 @@ MALFORMED = {
     "non_string_value": ('{"conversations": [{"from": "user", "value": 42}, {"from": "assistant", "value": "好"}]}',
                          'message 1 (user): "value" must be a string, got a number'),
     "unknown_role": ('{"conversations": [{"from": "bot", "value": "嗨"}, {"from": "assistant", "value": "好"}]}',
-                     'message 1 has unknown role "bot" (expected one of system, user, assistant, human, gpt)'),
+                     'message 1 has unknown role "bot" (expected one of system, user, assistant, human, gpt, tool, observation, '
+                     'function, function_call)'),
     "empty_value": ('{"conversations": [{"from": "user", "value": "嗨"}, {"from": "assistant", "value": " \\t "}]}',
                     "message 2 (assistant) is empty"),
     "no_assistant_turn": ('{"conversations": [{"from": "system", "value": "你是萊拉"}, {"from": "user", "value": "嗨"}]}',
@@ -63,7 +65,8 @@ def test_each_malformed_line_is_reported_at_its_line(tmp_path, case):
 def test_bytes_that_are_not_utf8_are_reported_at_their_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(GOOD.encode() + b"\n" + GOOD.encode() + b'\n{"x": "caf\xe9"}\n')
-    assert problem_lines(path) == [f"{path}:3: bytes that are not UTF-8 (0xe9 at column 11); re-save the file as UTF-8"]
+    assert problem_lines(path) == [f"{path}:3: bytes that are not UTF-8 (0xe9 at column 11); it looks like CP1252: "
+                                 "convert the file with `iconv -f CP1252 -t UTF-8 latin1.jsonl > latin1.utf8.jsonl`"]
 
 
 @pytest.mark.parametrize("content", [b"", b"\n  \r\n\n", b"\xef\xbb\xbf"])

@@ -106,7 +106,7 @@ def test_problems_are_listed_at_their_lines_and_nothing_is_written(tmp_path):
     assert raised.value.message.splitlines() == [
         f"4 problem(s) in {source}, nothing written:",
         f"{source}:4: text before any role label; start a message with a label such as user: or assistant: "
-        "(or add one with --label LABEL=ROLE)",
+        "(or map your own label: --label LABEL=user for python -m lyra.data, data.labels='{LABEL: user}' for training)",
         f"{source}:7: conversation has no assistant turn (nothing to learn from)",
         f"{source}:10: empty assistant message",
         f"{source}:17: duplicate id 'twice' (first used on line 13)",

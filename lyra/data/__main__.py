@@ -1,10 +1,11 @@
 """The data command line: convert transcripts, validate files, describe a corpus.
 
     python -m lyra.data convert IN.txt OUT.jsonl [--label Guest=user]
-    python -m lyra.data validate FILE [FILE ...]        # exit 0 valid, 1 with FILE:LINE problems
+    python -m lyra.data validate FILE [FILE ...]        # exit 0 trainable, 1 with FILE:LINE problems
     python -m lyra.data stats [FILE] [--split eval] [--max-length N] [--json]
 
-Without FILE, `stats` describes the embedded default-persona corpus (`--split train|eval`). User mistakes
+`validate` and `stats` read and encode a file exactly as training does (`lyra.data.prepare`): a
+file `validate` passes trains. Without FILE, `stats` describes the embedded default-persona corpus (`--split train|eval`). User mistakes
 (a missing file, a bad option) print one `lyra: error: ...` line and exit 2, never a traceback.
 """
 
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from lyra.data import corpus_file
-from lyra.data.formats import format_problems, load_checked, read_conversations
+from lyra.data.formats import format_problems
 from lyra.data.txt import convert_txt_to_jsonl, parse_label_options
 from lyra.errors import UserError, exit_on_user_error
 
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="list every problem as FILE:LINE: message")
     validate.add_argument("files", nargs="+", metavar="FILE", help=".jsonl, .json or .txt")
+    validate.add_argument("--system-prompt", default=None,
+                          help="system prompt added to conversations without one (default: data.system_prompt)")
     _add_label_option(validate)
 
     stats = commands.add_parser("stats", help="counts, duplicates, token lengths, truncation")
@@ -65,24 +68,51 @@ def run_convert(args) -> int:
     return 0
 
 
+def _settings(args) -> tuple[int, str | None]:
+    """(max_length, system_prompt): the options, else those of a default training run."""
+    max_length, system_prompt = getattr(args, "max_length", None), args.system_prompt
+    if max_length is None or system_prompt is None:
+        from lyra.data.stats import training_defaults
+
+        default_length, default_prompt = training_defaults()
+        max_length = max_length if max_length is not None else default_length
+        system_prompt = system_prompt if system_prompt is not None else default_prompt
+    if max_length < 1:
+        raise UserError("--max-length", f"must be >= 1, got {max_length}")
+    return max_length, system_prompt or None
+
+
+def _prepare(path: Path, args, system_prompt: str | None):
+    """The file read and encoded exactly as training does (`lyra.data.prepare`), with its cache."""
+    from lyra.data.prepare import default_cache_dir, prepare_file
+    from lyra.data.stats import qwen3_tokenizer
+
+    return prepare_file(path, qwen3_tokenizer(), system_prompt, parse_label_options(args.label), default_cache_dir())
+
+
 def run_validate(args) -> int:
-    labels = parse_label_options(args.label)
+    _, system_prompt = _settings(args)
     failed = False
     for name in args.files:
         path = _existing_file(name)
-        conversations, problems = read_conversations(path, labels)
+        prepared = _prepare(path, args, system_prompt)
+        problems = prepared.problems
         if problems:
             failed = True
             print(format_problems(problems, limit=None))
-            print(f"{path}: {len(problems)} problem(s), {len(conversations)} valid conversation(s)", file=sys.stderr)
+        for note in prepared.notes():
+            print(note, file=sys.stderr)
+        if problems:
+            print(f"{path}: {len(problems)} problem(s), {len(prepared.conversations)} valid conversation(s)",
+                  file=sys.stderr)
         else:
-            turns = sum(c.assistant_turns for c in conversations)
-            print(f"{path}: ok, {len(conversations)} conversations, {turns} assistant turns")
+            turns = sum(len(t) for t in prepared.turns)
+            print(f"{path}: ok, {len(prepared.conversations)} conversations, {turns} assistant turns")
     return 1 if failed else 0
 
 
 def run_stats(args) -> int:
-    from lyra.data.stats import corpus_stats, format_stats, qwen3_tokenizer, training_defaults
+    from lyra.data.stats import format_stats, prepared_stats
 
     if args.file and args.split:
         raise UserError("--split", "selects a split of the embedded corpus; drop it when giving FILE")
@@ -92,19 +122,13 @@ def run_stats(args) -> int:
         split = args.split or "train"
         path = corpus_file(split)
         source = f"{path.name} (embedded default-persona corpus, {split} split)"
-    if args.max_length is None or args.system_prompt is None:
-        default_length, default_prompt = training_defaults()
-        max_length = args.max_length if args.max_length is not None else default_length
-        system_prompt = args.system_prompt if args.system_prompt is not None else default_prompt
-    else:
-        max_length, system_prompt = args.max_length, args.system_prompt
-    if max_length < 1:
-        raise UserError("--max-length", f"must be >= 1, got {max_length}")
-    conversations, skipped = load_checked(path, key=str(path), on_invalid="skip",
-                                          labels=parse_label_options(args.label))
-    stats = corpus_stats(conversations, qwen3_tokenizer(), max_length, system_prompt or None)
+    max_length, system_prompt = _settings(args)
+    prepared = _prepare(path, args, system_prompt)
+    if not prepared.conversations:
+        raise UserError(str(path), f"no usable conversation:\n{format_problems(prepared.problems)}")
+    stats = prepared_stats(prepared, max_length)
     stats["file"] = str(path)
-    stats["skipped_invalid"] = len(skipped)
+    stats["skipped_invalid"] = prepared.skipped
     print(json.dumps(stats, ensure_ascii=False, indent=2) if args.json else format_stats(stats, source))
     return 0
 

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from lyra.data.formats import Conversation
-from lyra.data.tokenization import EncodeStats, encode_conversation, encode_turn, with_system_prompt
+from lyra.data.formats import Conversation, FileReport
+from lyra.data.prepare import Prepared, encode_all
+from lyra.data.tokenization import encode_turn, supervised_prefixes
 from lyra.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -52,10 +53,9 @@ def qwen3_tokenizer():
 
 
 def example_lengths(conversation: Conversation, tokenizer, system_prompt: str | None) -> list[int]:
-    """Token length of each assistant turn's training example (prompt + reply + end-of-turn token)."""
-    messages = with_system_prompt(conversation.messages, system_prompt)
-    return [len(encode_turn(messages[: index + 1], tokenizer)[0])
-            for index, message in enumerate(messages) if message["role"] == "assistant"]
+    """Token length of each supervised turn's training example (prompt + reply + end-of-turn token)."""
+    return [len(encode_turn(messages, tokenizer, conversation.tools)[0])
+            for messages in supervised_prefixes(conversation, system_prompt)]
 
 
 def _percentiles(values: list[int]) -> dict[str, int]:
@@ -69,27 +69,32 @@ def _percentiles(values: list[int]) -> dict[str, int]:
 def corpus_stats(conversations: list[Conversation], tokenizer, max_length: int,
                  system_prompt: str | None) -> dict[str, Any]:
     """Counts, duplicates, token-length percentiles and what truncation at max_length does."""
+    turns, errors = encode_all(conversations, tokenizer, system_prompt)
+    if errors:
+        index, message = next(iter(errors.items()))
+        raise ValueError(f"conversation {conversations[index].id}: {message}")
+    return prepared_stats(Prepared(FileReport(Path(""), conversations, []), turns), max_length)
+
+
+def prepared_stats(prepared: Prepared, max_length: int) -> dict[str, Any]:
+    """corpus_stats of a file read and encoded by `prepare_file` (what validate and training use)."""
+    conversations = prepared.conversations
     roles = Counter(message["role"] for c in conversations for message in c.messages)
-    replies = Counter(m["content"].strip() for c in conversations for m in c.messages if m["role"] == "assistant")
     users = Counter(m["content"].strip() for c in conversations for m in c.messages if m["role"] == "user")
+    duplicate_replies, _ = prepared.duplicate_reply_share()
     multi_turn = sum(c.assistant_turns >= 2 for c in conversations)
-    lengths, longest = [], []
-    truncation = EncodeStats()
-    dropped_entirely = 0
-    for conversation in conversations:
-        turn_lengths = example_lengths(conversation, tokenizer, system_prompt)
-        lengths.extend(turn_lengths)
-        longest.append(max(turn_lengths, default=0))
-        if longest[-1] > max_length:  # the training encoder decides what survives, not a copy of its rule
-            kept = encode_conversation(conversation, tokenizer, max_length, system_prompt, truncation)
-            dropped_entirely += not kept
+    lengths = [len(ids) for turns in prepared.turns for ids, _ in turns]
+    longest = [max((len(ids) for ids, _ in turns), default=0) for turns in prepared.turns]
+    _, truncation = prepared.examples(max_length)  # the training rule decides what survives, not a copy of it
+    dropped_entirely = sum(1 for turns in prepared.turns if turns and len(turns[0][0]) > max_length)
     return {
         "conversations": len(conversations),
         "assistant_turns": roles["assistant"],
         "multi_turn": multi_turn,
         "multi_turn_share": round(multi_turn / len(conversations), 4) if conversations else 0.0,
-        "roles": {role: roles[role] for role in ("system", "user", "assistant")},
-        "duplicate_assistant_replies": sum(count - 1 for count in replies.values() if count > 1),
+        "roles": {role: roles[role] for role in ("system", "user", "assistant", "tool")
+                  if role != "tool" or roles[role]},  # tool results only where there are any
+        "duplicate_assistant_replies": duplicate_replies,
         "duplicate_user_messages": sum(count - 1 for count in users.values() if count > 1),
         "example_tokens": _percentiles(lengths),
         "conversation_tokens": _percentiles(longest),
@@ -97,10 +102,20 @@ def corpus_stats(conversations: list[Conversation], tokenizer, max_length: int,
         "over_max_length": {
             "conversations": truncation.truncated_conversations,
             "dropped_assistant_turns": truncation.dropped_turns,
-            "kept_assistant_turns": truncation.examples,
+            "kept_assistant_turns": sum(_fits(t, max_length) for t in prepared.turns if _fits(t, max_length) < len(t)),
             "conversations_dropped_entirely": dropped_entirely,
         },
+        "system_prompt_inserted": prepared.system_prompt_inserted,
+        "ignored_fields": dict(sorted(prepared.report.ignored_fields.items())),
     }
+
+
+def _fits(turns: list, max_length: int) -> int:
+    """How many leading turns of a conversation fit max_length."""
+    for position, (ids, _) in enumerate(turns):
+        if len(ids) > max_length:
+            return position
+    return len(turns)
 
 
 def format_stats(stats: dict[str, Any], source: str) -> str:
@@ -129,6 +144,12 @@ def format_stats(stats: dict[str, Any], source: str) -> str:
             "Raise data.max_length to keep them.")
     else:
         lines.append(f"  {over_label:<25}none (nothing is truncated)")
+    if stats.get("system_prompt_inserted"):
+        lines.append(f"  {'system prompt inserted':<25}{stats['system_prompt_inserted']} conversation(s) had no system "
+                     "message and get data.system_prompt (--system-prompt)")
+    if stats.get("ignored_fields"):
+        ignored = ", ".join(f"{name} ({count})" for name, count in stats["ignored_fields"].items())
+        lines.append(f"  {'ignored fields':<25}{ignored}")
     if stats.get("skipped_invalid"):
         lines.append(f"  {'skipped invalid':<25}{stats['skipped_invalid']} (list them: python -m lyra.data validate FILE)")
     return "\n".join(lines)

@@ -1,11 +1,16 @@
 """Turning conversations into training examples with assistant-only labels.
 
 Each assistant turn becomes one example: the prompt is exactly what `lyra.chat` feeds the model
-for that history (the tokenizer's chat template, `enable_thinking=False`, generation prompt on),
-and only the reply plus the template's end-of-turn token (Qwen3 and SmolLM2: `<|im_end|>`) is
-supervised. Qwen3's template puts an empty `<think>\n\n</think>\n\n` block only before the *last*
-assistant turn, so rendering a whole multi-turn chat as one sequence would train earlier turns on
-a context chat never produces.
+for that history (the tokenizer's chat template, `enable_thinking=False`, generation prompt on,
+the conversation's `tools=`), and only the reply (its text and its tool calls) plus the template's
+end-of-turn token (Qwen3 and SmolLM2: `<|im_end|>`) is supervised. Qwen3's template puts an empty `<think>\n\n</think>\n\n` block only
+before the *last* assistant turn, so rendering a whole multi-turn chat as one sequence would train
+earlier turns on a context chat never produces.
+
+The reply is rendered as the template writes it right after a generation prompt (`reply_text`), so
+an assistant turn right after the system prompt, at the very start, or right after another
+assistant turn trains on the prompt chat builds for that history, as every other turn does.
+Turns with OpenAI `"weight": 0` are context only.
 
 Nothing here names a model: the end-of-turn token is read off the tokenizer's own template
 (`turn_end_ids`), so any HF chat model whose template renders the conversation works.
@@ -13,11 +18,15 @@ Nothing here names a model: the end-of-turn token is read off the tokenizer's ow
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 from dataclasses import dataclass
 
 from lyra.data.formats import Conversation
 
 IGNORE_INDEX = -100
+_CANONICAL_USER = {"role": "user", "content": "."}  # a neutral turn to render a reply after
 
 
 @dataclass
@@ -65,42 +74,100 @@ def turn_end_ids(tokenizer) -> list[int]:
     return ids
 
 
-def chat_prompt_ids(messages: list[dict[str, str]], tokenizer) -> list[int]:
+def render(messages: list[dict], tokenizer, tools: list[dict] | None = None,
+           add_generation_prompt: bool = False) -> str:
+    """The chat template's text for `messages` (non-thinking), with `tools=` when given."""
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, enable_thinking=False)
+
+
+def chat_prompt_ids(messages: list[dict[str, str]], tokenizer, tools: list[dict] | None = None) -> list[int]:
     """Token ids the model sees before it writes the next assistant reply (shared with chat)."""
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                              enable_thinking=False, return_dict=True)["input_ids"])
-
-
-def encode_turn(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for the last message of `messages`, which must be an assistant turn."""
-    prompt = chat_prompt_ids(messages[:-1], tokenizer)
-    full = list(tokenizer.apply_chat_template(messages, tokenize=True, enable_thinking=False,
+    return list(tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=True,
+                                              add_generation_prompt=True, enable_thinking=False,
                                               return_dict=True)["input_ids"])
-    if full[: len(prompt)] != prompt:
+
+
+@functools.lru_cache(maxsize=64)
+def _reply_header(tokenizer, tools_json: str) -> str:
+    """The text every reply follows: a neutral user turn and the generation prompt."""
+    return render([_CANONICAL_USER], tokenizer, json.loads(tools_json), add_generation_prompt=True)
+
+
+def reply_text(message: dict, tokenizer, tools: list[dict] | None = None) -> str:
+    """An assistant message as the template renders it right after a generation prompt: text, tool calls, end.
+
+    Rendered after a neutral user turn rather than inside the conversation's history: the history
+    only changes how a reply renders *in* history (Qwen3 drops its think block there), never how the
+    model writes it after the generation prompt. Two short renders instead of the whole history.
+    """
+    tools_json = json.dumps(tools or None)  # key order kept: the template prints tools as given
+    header = _reply_header(tokenizer, tools_json)
+    rendered = render([_CANONICAL_USER, message], tokenizer, tools)
+    if not rendered.startswith(header):
+        raise ValueError("the chat template renders a reply differently from its generation prompt; "
+                         "this template cannot be trained turn by turn")
+    return rendered[len(header):]
+
+
+def turn_texts(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> tuple[str, str]:
+    """(prompt, prompt + reply) as text for the last message of `messages`, an assistant turn.
+
+    The prompt is what chat feeds the model for the history, whatever its order of roles (an
+    assistant turn right after the system prompt, or right after another assistant turn, included).
+    """
+    if len(messages) < 2:
+        raise ValueError("the conversation opens with an assistant turn and has no system prompt, so there is no "
+                         "prompt to answer: add the user turn it answers, or set a system prompt")
+    prompt = render(messages[:-1], tokenizer, tools, add_generation_prompt=True)
+    return prompt, prompt + reply_text(messages[-1], tokenizer, tools)
+
+
+def _example(prompt_ids: list[int], full_ids: list[int], tokenizer) -> tuple[list[int], list[int]]:
+    if full_ids[: len(prompt_ids)] != prompt_ids:
         raise ValueError("chat template rendered the prompt differently with and without the reply")
     ends = set(turn_end_ids(tokenizer))
-    end = next((i for i in range(len(prompt), len(full)) if full[i] in ends), None)
+    end = next((i for i in range(len(prompt_ids), len(full_ids)) if full_ids[i] in ends), None)
     if end is None:
         raise ValueError("chat template rendered the reply without an end-of-turn or eos token")
-    input_ids = full[: end + 1]  # anything the template adds after the end token ("\n") is never generated
-    labels = [IGNORE_INDEX] * len(prompt) + input_ids[len(prompt):]
+    input_ids = full_ids[: end + 1]  # anything the template adds after the end token ("\n") is never generated
+    labels = [IGNORE_INDEX] * len(prompt_ids) + input_ids[len(prompt_ids):]
     return input_ids, labels
+
+
+def encode_turn(messages: list[dict[str, str]], tokenizer, tools: list[dict] | None = None
+                ) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for the last message of `messages`, which must be an assistant turn."""
+    prompt, full = turn_texts(messages, tokenizer, tools)
+    encode = tokenizer(  # the texts hold the template's special tokens already
+        [prompt, full], add_special_tokens=False)["input_ids"]
+    return _example(list(encode[0]), list(encode[1]), tokenizer)
 
 
 def encode_conversation(conversation: Conversation, tokenizer, max_length: int,
                         system_prompt: str | None, stats: EncodeStats | None = None) -> list[dict]:
-    """One example per assistant turn; a turn that does not fit ends the conversation."""
-    stats = stats if stats is not None else EncodeStats()
+    """One example per supervised assistant turn; a turn that does not fit ends the conversation."""
+    turns = [encode_turn(messages, tokenizer, conversation.tools)
+             for messages in supervised_prefixes(conversation, system_prompt)]
+    return truncate(turns, max_length, stats)
+
+
+def supervised_prefixes(conversation: Conversation, system_prompt: str | None) -> list[list[dict]]:
+    """The history up to and including each assistant turn that is trained on."""
     messages = with_system_prompt(conversation.messages, system_prompt)
-    examples = []
+    return [messages[: index + 1] for index, message in enumerate(messages)
+            if message["role"] == "assistant" and message.get("weight", 1) != 0]
+
+
+def truncate(turns: list[tuple[list[int], list[int]]], max_length: int, stats: EncodeStats | None = None
+             ) -> list[dict]:
+    """Examples of one conversation's turns, up to the first that exceeds max_length (counted)."""
+    stats = stats if stats is not None else EncodeStats()
     stats.conversations += 1
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        input_ids, labels = encode_turn(messages[: index + 1], tokenizer)
+    examples = []
+    for position, (input_ids, labels) in enumerate(turns):
         if len(input_ids) > max_length:
-            remaining = sum(m["role"] == "assistant" for m in messages[index:])
-            stats.dropped_turns += remaining
+            stats.dropped_turns += len(turns) - position
             stats.truncated_conversations += 1
             break
         examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
@@ -114,3 +181,49 @@ def encode_conversations(conversations: list[Conversation], tokenizer, max_lengt
     examples = [example for conversation in conversations
                 for example in encode_conversation(conversation, tokenizer, max_length, system_prompt, stats)]
     return examples, stats
+
+
+class ChunkTokenizer:
+    """Batch tokenization that tokenizes each piece of text between special tokens once.
+
+    Consecutive turns of a conversation share their history, so tokenizing every example whole is
+    quadratic in the conversation; the tokenizer splits at added tokens before anything else, so
+    the pieces between them can be tokenized once and reused. `verified` checks the result against
+    whole-text tokenization on the first texts and falls back to it on any difference.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        added = {token.content: index for index, token in tokenizer.added_tokens_decoder.items()}
+        self.added = added
+        self.split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")")
+        self.memo: dict[str, list[int]] = {}
+        self.exact: bool | None = None  # None until verified
+
+    def _whole(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.exact is False or not self.added:
+            return self._whole(texts)
+        pieces = [self.split.split(text) for text in texts]
+        missing = list({piece for parts in pieces for piece in parts[0::2] if piece and piece not in self.memo})
+        if missing:
+            self.memo.update(zip(missing, self._whole(missing)))
+        encoded = []
+        for parts in pieces:
+            ids: list[int] = []
+            for position, piece in enumerate(parts):
+                if position % 2:
+                    ids.append(self.added[piece])
+                elif piece:
+                    ids.extend(self.memo[piece])
+            encoded.append(ids)
+        if self.exact is None:
+            sample = texts[:32]
+            self.exact = self._whole(sample) == encoded[: len(sample)]
+            if not self.exact:
+                return self._whole(texts)
+        return encoded

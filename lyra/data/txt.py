@@ -82,6 +82,16 @@ def parse_label_options(options: Iterable[str]) -> dict[str, str]:
     return labels
 
 
+def _unlabelled(match: re.Match | None) -> str:
+    """Why a conversation's first line has no known label, and how to map the label it has."""
+    if match is None:
+        return ("text before any role label; start a message with a label such as user: or assistant: (or map your "
+                "own label: --label LABEL=user for python -m lyra.data, data.labels='{LABEL: user}' for training)")
+    label = match.group(1)
+    return (f'unknown role label "{label}"; map it to user or assistant: --label {label}=user for '
+            f"python -m lyra.data, data.labels='{{{label}: user}}' for training")
+
+
 class _Block:
     """One conversation being read: its first line, id and messages with their start lines."""
 
@@ -123,10 +133,9 @@ def parse_txt(text: str, path: Path, labels: dict[str, str] | None = None
             block.messages.append({"role": role, "lines": [match.group(2)] if match.group(2) else [], "line": number})
         elif block.messages:
             block.messages[-1]["lines"].append(line)
-        else:
+        elif not block.broken:  # one problem per conversation: it costs one conversation
             block.broken = True
-            problems.append(Problem(path, number, "text before any role label; start a message with a label such "
-                                                  "as user: or assistant: (or add one with --label LABEL=ROLE)"))
+            problems.append(Problem(path, number, _unlabelled(match)))
     conversations, seen_ids = [], {}
     for index, block in enumerate(blocks, start=1):
         conversation_id = block.id or f"{path.stem}-{index:04d}"

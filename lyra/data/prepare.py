@@ -1,0 +1,319 @@
+"""One reader, one set of rules: what `validate`, `stats` and training all use to decide what trains.
+
+    from lyra.data.prepare import prepare_file
+    prepared = prepare_file("chats.jsonl", tokenizer, system_prompt="...")   # read + encode every turn
+    prepared.problems          # FILE:LINE problems, reading *and* rendering through the training encoder
+    examples, stats = prepared.examples(max_length=1024)                     # what training gets
+
+A conversation is trainable when it reads (`lyra.data.formats`) and every supervised turn renders
+through the training encoder (`lyra.data.tokenization`); anything else is a `Problem` at the line
+where the conversation starts. Encoding is cached under `<cache_dir>/tokenized/`, keyed by the
+file's bytes, the tokenizer and its chat template, the system prompt and the .txt labels, so the
+runs and sweep jobs on the same data tokenize it once (max_length is applied after the cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lyra.data.formats import PROGRESS_BYTES, Conversation, FileReport, Problem, read_file
+from lyra.data.tokenization import (IGNORE_INDEX, ChunkTokenizer, EncodeStats, supervised_prefixes, turn_end_ids,
+                                    turn_texts)
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 2  # bump when the encoding of a conversation changes
+DUPLICATE_WARNING_SHARE = 0.2  # training warns when more assistant replies than this repeat another
+
+
+@dataclass
+class Prepared:
+    """A file read and encoded: usable conversations, each one's supervised turns, every problem."""
+
+    report: FileReport
+    turns: list[list[tuple[list[int], int]]]  # per conversation: (input_ids, prompt length) per supervised turn
+    system_prompt_inserted: int = 0  # conversations without a system message that get data.system_prompt
+    from_cache: bool = False
+    encode_problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return self.report.path
+
+    @property
+    def conversations(self) -> list[Conversation]:
+        return self.report.conversations
+
+    @property
+    def problems(self) -> list[Problem]:
+        return sorted(self.report.problems + self.encode_problems, key=lambda problem: problem.line)
+
+    @property
+    def skipped(self) -> int:
+        return sum(problem.drops for problem in self.problems)
+
+    def examples(self, max_length: int) -> tuple[list[dict], EncodeStats]:
+        """Training examples: each conversation's turns up to the first longer than max_length (counted)."""
+        stats = EncodeStats()
+        examples = []
+        for turns in self.turns:
+            stats.conversations += 1
+            for position, (input_ids, prompt_length) in enumerate(turns):
+                if len(input_ids) > max_length:
+                    stats.dropped_turns += len(turns) - position
+                    stats.truncated_conversations += 1
+                    break
+                examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids),
+                                 "labels": [IGNORE_INDEX] * prompt_length + input_ids[prompt_length:]})
+        stats.examples = len(examples)
+        return examples, stats
+
+    def dataset(self, max_length: int):
+        """`examples(max_length)` as a datasets.Dataset, built from flat arrays (no per-token Python)."""
+        import pyarrow as pa
+        from datasets import Dataset
+        from datasets.table import InMemoryTable
+
+        stats = EncodeStats()
+        kept: list[tuple[list[int], int]] = []
+        for turns in self.turns:
+            stats.conversations += 1
+            fits = next((position for position, (ids, _) in enumerate(turns) if len(ids) > max_length), len(turns))
+            if fits < len(turns):
+                stats.dropped_turns += len(turns) - fits
+                stats.truncated_conversations += 1
+            kept.extend(turns[:fits])
+        stats.examples = len(kept)
+        lengths = np.fromiter((len(ids) for ids, _ in kept), dtype=np.int64, count=len(kept))
+        offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in kept), dtype=np.int64, count=int(offsets[-1]))
+        prompts = np.fromiter((prompt for _, prompt in kept), dtype=np.int64, count=len(kept))
+        prompt_mask = np.zeros(len(ids) + 1, dtype=np.int64)  # +1 at each example start, -1 where its reply starts
+        np.add.at(prompt_mask, offsets[:-1], 1)
+        np.add.at(prompt_mask, offsets[:-1] + prompts, -1)
+        labels = np.where(np.cumsum(prompt_mask[:-1]) > 0, IGNORE_INDEX, ids)
+        list_array = pa.ListArray if offsets[-1] < 2**31 else pa.LargeListArray  # the type from_list would give
+        offset_array = pa.array(offsets, type=pa.int32() if list_array is pa.ListArray else pa.int64())
+        columns = {name: list_array.from_arrays(offset_array, pa.array(values))
+                   for name, values in (("input_ids", ids), ("attention_mask", np.ones_like(ids)), ("labels", labels))}
+        return Dataset(InMemoryTable(pa.table(columns))), stats
+
+    def duplicate_reply_share(self) -> tuple[int, int]:
+        """(assistant replies that repeat an earlier one, all assistant replies)."""
+        replies = Counter(json.dumps([m["content"].strip(), m.get("tool_calls")], ensure_ascii=False, sort_keys=True)
+                          for c in self.conversations for m in c.messages if m["role"] == "assistant")
+        return sum(count - 1 for count in replies.values()), sum(replies.values())
+
+    def notes(self) -> list[str]:
+        """What was added or left out without being a problem: one line each, for every front end."""
+        lines = []
+        if self.system_prompt_inserted:
+            lines.append(f"{self.path}: data.system_prompt inserted into {self.system_prompt_inserted} of "
+                         f"{len(self.conversations)} conversation(s) that had no system message")
+        ignored = self.report.ignored_note()
+        if ignored:
+            lines.append(ignored)
+        return lines
+
+
+def default_cache_dir() -> Path:
+    """paths.cache_dir's default, for the command line (training passes cfg.paths.cache_dir)."""
+    return Path(os.environ.get("LYRA_CACHE") or Path.home() / ".cache" / "lyra")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the token ids: the tokenizer's identity, vocabulary size, added tokens and template."""
+    added = sorted((index, token.content) for index, token in tokenizer.added_tokens_decoder.items())
+    parts = [type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), str(len(tokenizer)),
+             json.dumps(added, ensure_ascii=False), str(tokenizer.chat_template)]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def _cache_key(data: bytes, tokenizer, system_prompt: str | None, labels: dict | None) -> str:
+    digest = hashlib.sha256()
+    digest.update(hashlib.sha256(data).digest())
+    digest.update(json.dumps([CACHE_VERSION, tokenizer_fingerprint(tokenizer), system_prompt or "",
+                              sorted((labels or {}).items())], ensure_ascii=False).encode())
+    return digest.hexdigest()[:32]
+
+
+def _load_cached(path: Path, count: int) -> tuple[list, dict[int, str]] | None:
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            ids, offsets, prompts, per_conversation = (cached["ids"], cached["offsets"], cached["prompts"],
+                                                       cached["per_conversation"])
+            errors = json.loads(str(cached["errors"]))
+    except (OSError, KeyError, ValueError):
+        return None
+    if len(per_conversation) != count:
+        return None
+    ids_list = ids.tolist()
+    bounds = offsets.tolist()
+    prompt_list = prompts.tolist()
+    turns, turn = [], 0
+    for n in per_conversation.tolist():
+        turns.append([(ids_list[bounds[t]:bounds[t + 1]], prompt_list[t]) for t in range(turn, turn + n)])
+        turn += n
+    return turns, {int(index): message for index, message in errors.items()}
+
+
+def _save_cached(path: Path, turns: list, errors: dict[int, str]) -> None:
+    flat = [turn for conversation in turns for turn in conversation]
+    lengths = np.fromiter((len(ids) for ids, _ in flat), dtype=np.int64, count=len(flat))
+    offsets = np.zeros(len(flat) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.fromiter((token for ids, _ in flat for token in ids), dtype=np.int32, count=int(offsets[-1]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            np.savez(handle, ids=ids, offsets=offsets, prompts=np.array([p for _, p in flat], dtype=np.int64),
+                     per_conversation=np.array([len(c) for c in turns], dtype=np.int64),
+                     errors=np.array(json.dumps({str(k): v for k, v in errors.items()})))
+        os.replace(handle.name, path)  # atomic: concurrent sweep jobs never read a partial file
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+PARALLEL_MIN_CONVERSATIONS = 2000  # below this, forking render workers costs more than it saves
+_RENDER_JOB: tuple | None = None  # (conversations, tokenizer, system_prompt), inherited by forked workers
+
+
+def _render_conversation(conversation: Conversation, tokenizer, system_prompt: str | None
+                         ) -> list[tuple[int, str, str]] | str:
+    """(message number, prompt text, prompt + reply text) per supervised turn, or why it cannot render."""
+    numbers = [n for n, m in enumerate(conversation.messages, start=1)
+               if m["role"] == "assistant" and m.get("weight", 1) != 0]
+    texts = []
+    for number, messages in zip(numbers, supervised_prefixes(conversation, system_prompt)):
+        try:
+            prompt, full = turn_texts(messages, tokenizer, conversation.tools)
+        except Exception as error:  # a template may raise anything (jinja raise_exception, TypeError)
+            why = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+            return f"message {number} (assistant): {why}"
+        texts.append((number, prompt, full))
+    return texts
+
+
+def _render_range(bounds: tuple[int, int]) -> list:
+    conversations, tokenizer, system_prompt = _RENDER_JOB
+    return [_render_conversation(conversations[i], tokenizer, system_prompt) for i in range(*bounds)]
+
+
+def _rendered(conversations: list[Conversation], tokenizer, system_prompt: str | None, bar):
+    """Rendered texts of every conversation, in order; big files render in forked worker processes.
+
+    Rendering the chat template (jinja, in a sandbox) is most of the cost and pure Python, so it
+    only scales with processes; the workers inherit the tokenizer by fork and send back text.
+    """
+    global _RENDER_JOB
+    import multiprocessing
+
+    workers = min(4, os.cpu_count() or 1)
+    step = 500
+    ranges = [(start, min(start + step, len(conversations))) for start in range(0, len(conversations), step)]
+    if (len(conversations) < PARALLEL_MIN_CONVERSATIONS or workers < 2
+            or "fork" not in multiprocessing.get_all_start_methods()):
+        for bounds in ranges:
+            yield from _render_range_local(conversations, tokenizer, system_prompt, bounds)
+            bar.update(bounds[1] - bounds[0])
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    _RENDER_JOB = (conversations, tokenizer, system_prompt)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for bounds, rendered in zip(ranges, pool.map(_render_range, ranges)):
+                yield from rendered
+                bar.update(bounds[1] - bounds[0])
+    finally:
+        _RENDER_JOB = None
+
+
+def _render_range_local(conversations, tokenizer, system_prompt, bounds):
+    return [_render_conversation(conversations[i], tokenizer, system_prompt) for i in range(*bounds)]
+
+
+def encode_all(conversations: list[Conversation], tokenizer, system_prompt: str | None, progress: bool = False
+               ) -> tuple[list[list[tuple[list[int], int]]], dict[int, str]]:
+    """Every supervised turn of every conversation as (input_ids, prompt length), and why any failed.
+
+    Errors are keyed by conversation index and say which assistant turn failed and how to fix it.
+    """
+    from tqdm.auto import tqdm
+
+    ends = set(turn_end_ids(tokenizer))  # the template's end-of-turn token, then eos/pad (lyra.data.tokenization)
+    chunks = ChunkTokenizer(tokenizer)
+    turns: list[list[tuple[list[int], int]]] = [[] for _ in conversations]
+    errors: dict[int, str] = {}
+    batch: list[tuple[int, int, str, str]] = []  # (conversation, message number, prompt text, full text)
+
+    def flush():
+        encoded = chunks.encode([text for item in batch for text in item[2:]])
+        for position, (conversation, number, _, _) in enumerate(batch):
+            prompt, full = encoded[2 * position], encoded[2 * position + 1]
+            if conversation in errors:
+                continue
+            end = next((i for i in range(len(prompt), len(full)) if full[i] in ends), None)
+            if full[: len(prompt)] != prompt or end is None:
+                errors[conversation] = (f"message {number} (assistant): the chat template tokenizes the prompt "
+                                        "differently with and without the reply; check this turn's text")
+                continue
+            turns[conversation].append((full[:end + 1], len(prompt)))
+        batch.clear()
+
+    bar = tqdm(total=len(conversations), desc="encoding", unit="conv", leave=False, disable=not progress)
+    for index, rendered in enumerate(_rendered(conversations, tokenizer, system_prompt, bar)):
+        if isinstance(rendered, str):
+            errors[index] = rendered
+            continue
+        batch.extend((index, number, prompt, full) for number, prompt, full in rendered)
+        if len(batch) >= 4096:
+            flush()
+    flush()
+    bar.close()
+    for index in errors:
+        turns[index] = []
+    return turns, errors
+
+
+def prepare_file(path: str | Path, tokenizer, system_prompt: str | None, labels: dict[str, str] | None = None,
+                 cache_dir: str | Path | None = None) -> Prepared:
+    """Read `path` and encode every supervised turn; encoder failures become FILE:LINE problems."""
+    path = Path(path)
+    data = path.read_bytes()
+    report = read_file(path, labels)
+    conversations = report.conversations
+    inserted = sum(1 for c in conversations if not c.messages or c.messages[0]["role"] != "system") \
+        if system_prompt else 0
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / "tokenized" / f"{_cache_key(data, tokenizer, system_prompt, labels)}.npz"
+    cached = _load_cached(cache_file, len(conversations)) if cache_file and cache_file.is_file() else None
+    if cached is not None:
+        turns, errors = cached
+    else:
+        turns, errors = encode_all(conversations, tokenizer, system_prompt, progress=len(data) >= PROGRESS_BYTES)
+        if cache_file is not None:
+            try:
+                _save_cached(cache_file, turns, errors)
+            except OSError as error:  # a read-only cache only costs time
+                log.warning("could not cache the tokenized data in %s: %s", cache_file.parent, error)
+    encode_problems = [Problem(path, conversations[index].line, message) for index, message in sorted(errors.items())]
+    keep = [index for index in range(len(conversations)) if index not in errors]
+    report = FileReport(path, [conversations[i] for i in keep], report.problems, report.ignored_fields)
+    inserted -= sum(1 for i in errors if system_prompt and conversations[i].messages[0]["role"] != "system")
+    return Prepared(report, [turns[i] for i in keep], inserted, cached is not None, encode_problems)
+
