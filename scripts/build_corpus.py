@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lyra.data.corpus import corpus_problems, opening  # noqa: E402
+from lyra.data.corpus import corpus_problems, opening, shape_problems  # noqa: E402
 from lyra.data.formats import Conversation, read_conversations  # noqa: E402
 from lyra.data.txt import to_seed_record, write_jsonl_atomic  # noqa: E402
 
@@ -36,8 +36,7 @@ ASSETS = REPO / "lyra" / "data" / "assets"
 EVAL_EVERY, EVAL_OFFSET = 7, 3
 
 # The English corpus's requirements (issue 13). Smaller than the Chinese corpus's, same shape.
-EN_MIN_TRAIN, EN_MIN_EVAL, EN_MIN_PROBES, EN_MIN_MULTI_TURN_SHARE = 200, 40, 30, 0.4
-EN_MAX_OPENING_SHARE = 0.05  # no first clause may start more than 5% of replies
+EN_MIN_TRAIN, EN_MIN_EVAL, EN_MIN_PROBES = 200, 40, 30  # multi-turn >= 40%, openings <= 5%: lyra.data.corpus
 EN_MIN_ADDRESS_SHARE, EN_MIN_SELF_NAME_SHARE = 0.6, 0.3  # replies saying "Master" / "Lyra"
 _EN_ABBREVIATIONS = re.compile(r"\b(?:e\.g|i\.e|a\.m|p\.m|etc|vs|Dr|Mr|Mrs|Ms|St)\.", re.IGNORECASE)
 _EN_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
@@ -74,28 +73,9 @@ def normalized(text: str) -> str:
 
 def english_problems(train: list[Conversation], evaluation: list[Conversation], probes: list[str]) -> list[str]:
     """Every violated requirement of the English corpus, one line each; [] when all hold."""
-    problems = []
-    everything = train + evaluation
-    replies = [(c.id, m["content"]) for c in everything for m in c.messages if m["role"] == "assistant"]
-    users = [(c.id, m["content"]) for c in everything for m in c.messages if m["role"] == "user"]
-    for name, split, minimum in (("train", train, EN_MIN_TRAIN), ("eval", evaluation, EN_MIN_EVAL)):
-        multi = sum(c.assistant_turns >= 2 for c in split)
-        if len(split) < minimum:
-            problems.append(f"{name}: {len(split)} conversations, need >= {minimum}")
-        if multi < EN_MIN_MULTI_TURN_SHARE * len(split):
-            problems.append(f"{name}: {multi}/{len(split)} multi-turn, need >= 40%")
-    for kind, items, key in (("assistant reply", replies, str), ("user message", users, normalized)):
-        seen: dict[str, str] = {}
-        for conversation_id, text in items:
-            if key(text) in seen:
-                problems.append(f"{conversation_id}: duplicate {kind} (also in {seen[key(text)]}): {text[:40]}")
-            seen.setdefault(key(text), conversation_id)
-    user_texts = {normalized(text) for _, text in users}
-    for probe in probes:
-        if normalized(probe) in user_texts:
-            problems.append(f"probe also appears as a user message: {probe}")
-    if len({normalized(p) for p in probes}) != len(probes) or len(probes) < EN_MIN_PROBES:
-        problems.append(f"probes: {len(probes)} ({len(set(probes))} distinct), need >= {EN_MIN_PROBES} distinct")
+    problems = shape_problems(train, evaluation, probes, min_train=EN_MIN_TRAIN, min_eval=EN_MIN_EVAL,
+                              min_probes=EN_MIN_PROBES, opening_of=en_opening, user_key=normalized)
+    replies = [(c.id, m["content"]) for c in train + evaluation for m in c.messages if m["role"] == "assistant"]
     for conversation_id, text in replies:
         if not 1 <= en_sentences(text) <= 4:
             problems.append(f"{conversation_id}: reply has {en_sentences(text)} sentences (1-4): {text[:40]}")
@@ -105,10 +85,6 @@ def english_problems(train: list[Conversation], evaluation: list[Conversation], 
             problems.append(f"{conversation_id}: non-English letters {bad}: {text[:40]}")
         if re.match(r"of course\W+master\b", text, re.IGNORECASE):
             problems.append(f"{conversation_id}: template opening 'Of course, Master': {text[:40]}")
-    openings = Counter(en_opening(text) for _, text in replies)
-    most, count = openings.most_common(1)[0]
-    if count > EN_MAX_OPENING_SHARE * len(replies):
-        problems.append(f"opening {most!r} starts {count}/{len(replies)} replies (> 5%)")
     for word, minimum in (("Master", EN_MIN_ADDRESS_SHARE), ("Lyra", EN_MIN_SELF_NAME_SHARE)):
         share = sum(word in text for _, text in replies) / len(replies)
         if share < minimum:

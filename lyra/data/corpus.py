@@ -50,33 +50,50 @@ def load_probes() -> list[str]:
     return [json.loads(line)["prompt"] for line in lines if line.strip()]
 
 
-def corpus_problems(train: list[Conversation], evaluation: list[Conversation], probes: list[str]) -> list[str]:
-    """Every violated corpus requirement, one line each naming the conversation id; [] when all hold.
+def shape_problems(train: list[Conversation], evaluation: list[Conversation], probes: list[str], *,
+                   min_train: int, min_eval: int, min_probes: int, opening_of, user_key=str) -> list[str]:
+    """The requirements every persona corpus shares, one line each; [] when all hold.
 
-    User messages are distinct across both splits, so no eval prompt is ever seen in training.
+    Split sizes, the multi-turn share, no duplicate reply or user message (user messages compared
+    by `user_key`, across both splits, so no eval prompt is seen in training), distinct probes that
+    are no user message, and no opening clause (`opening_of`) in more than 5% of replies.
     """
     problems = []
     everything = train + evaluation
     replies = [(c.id, m["content"]) for c in everything for m in c.messages if m["role"] == "assistant"]
     users = [(c.id, m["content"]) for c in everything for m in c.messages if m["role"] == "user"]
-    for name, split, minimum in (("train", train, MIN_TRAIN), ("eval", evaluation, MIN_EVAL)):
+    for name, split, minimum in (("train", train, min_train), ("eval", evaluation, min_eval)):
         multi = sum(c.assistant_turns >= 2 for c in split)
         if len(split) < minimum:
             problems.append(f"{name}: {len(split)} conversations, need >= {minimum}")
         if multi < MIN_MULTI_TURN_SHARE * len(split):
             problems.append(f"{name}: {multi}/{len(split)} multi-turn, need >= 40%")
-    for kind, items in (("assistant reply", replies), ("user message", users)):
+    for kind, items, key in (("assistant reply", replies, str), ("user message", users, user_key)):
         seen: dict[str, str] = {}
         for conversation_id, text in items:
-            if text in seen:
-                problems.append(f"{conversation_id}: duplicate {kind} (also in {seen[text]}): {text[:30]}")
-            seen.setdefault(text, conversation_id)
-    user_texts = {text for _, text in users}
+            if key(text) in seen:
+                problems.append(f"{conversation_id}: duplicate {kind} (also in {seen[key(text)]}): {text[:40]}")
+            seen.setdefault(key(text), conversation_id)
+    user_texts = {user_key(text) for _, text in users}
     for probe in probes:
-        if probe in user_texts:
+        if user_key(probe) in user_texts:
             problems.append(f"probe also appears as a user message: {probe}")
-    if len(set(probes)) != len(probes) or len(probes) < MIN_PROBES:
-        problems.append(f"probes: {len(probes)} ({len(set(probes))} distinct), need >= 40 distinct")
+    if len({user_key(p) for p in probes}) != len(probes) or len(probes) < min_probes:
+        problems.append(f"probes: {len(probes)} ({len(set(probes))} distinct), need >= {min_probes} distinct")
+    openings = Counter(opening_of(text) for _, text in replies)
+    most, count = openings.most_common(1)[0]
+    if count > MAX_OPENING_SHARE * len(replies):
+        problems.append(f"opening {most!r} starts {count}/{len(replies)} replies (> 5%)")
+    return problems
+
+
+def corpus_problems(train: list[Conversation], evaluation: list[Conversation], probes: list[str]) -> list[str]:
+    """Every violated requirement of the zh-TW corpus, one line each naming the conversation id; [] when all hold."""
+    problems = shape_problems(train, evaluation, probes, min_train=MIN_TRAIN, min_eval=MIN_EVAL,
+                              min_probes=MIN_PROBES, opening_of=opening)
+    everything = train + evaluation
+    replies = [(c.id, m["content"]) for c in everything for m in c.messages if m["role"] == "assistant"]
+    users = [(c.id, m["content"]) for c in everything for m in c.messages if m["role"] == "user"]
     for conversation_id, text in [*replies, *users, *(("probe", p) for p in probes)]:
         if bad := simplified_only_characters(text):
             problems.append(f"{conversation_id}: Simplified-only characters {bad}: {text[:30]}")
@@ -89,8 +106,4 @@ def corpus_problems(train: list[Conversation], evaluation: list[Conversation], p
             problems.append(f"{conversation_id}: Lyra says 我 outside a quotation (she calls herself 萊拉): {text[:30]}")
         if text.startswith("好的，主人"):
             problems.append(f"{conversation_id}: template opening 好的，主人: {text[:30]}")
-    openings = Counter(opening(text) for _, text in replies)
-    most, count = openings.most_common(1)[0]
-    if count > MAX_OPENING_SHARE * len(replies):
-        problems.append(f"opening {most!r} starts {count}/{len(replies)} replies (> 5%)")
     return problems
