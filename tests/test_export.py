@@ -122,7 +122,7 @@ def test_chat_serves_a_merged_model_with_the_exact_base_one_swap_away(plain_run)
 
 def test_web_compares_a_merged_run_with_the_exact_base(plain_run):
     """The web page's "adapter off" pane on a merged run answers exactly as the bare base run does."""
-    from lyra.chat import generate_response
+    from lyra.generation import generate_response
     from lyra.runs import load_run
     from lyra.web import Limits, WebChat
 

@@ -58,7 +58,7 @@ def data_labels(data_cfg: DictConfig) -> dict[str, str]:
     labels = data_cfg.get("labels") or {}
     labels = OmegaConf.to_container(labels, resolve=True) if OmegaConf.is_config(labels) else dict(labels)
     if not isinstance(labels, dict):
-        raise UserError("data.labels", f"must map labels to roles, e.g. {{主人: user}}, got {labels!r}")
+        raise UserError("data.labels", f"must map labels to roles, e.g. {{Guest: user}}, got {labels!r}")
     try:
         label_table({str(k): str(v) for k, v in labels.items()})
     except UserError as error:
