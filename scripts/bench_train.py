@@ -565,8 +565,12 @@ def unavailable(variant: str, args) -> str | None:
 
 
 def last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][-300:] if lines else "no output"
+    """The error's own line (`SomeError: ...`) if there is one, else the last line."""
+    import re
+
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", line)]
+    return (errors or lines or ["no output"])[-1][-300:]
 
 
 def run_child(args, variant: str) -> dict:
