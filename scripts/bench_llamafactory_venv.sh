@@ -12,14 +12,15 @@
 # the real one cannot load. Text-only training never touches it.
 set -euo pipefail
 VENV=${1:-/tmp/lyra-bench-llamafactory}
-BASE_PY=$(python -c 'import sys; print(sys.executable)')
-BASE_SITE=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-BASE_INTERP=$(python -c 'import sys; print(sys._base_executable)')
+PY=${PYTHON:-python}  # the venv whose torch/bitsandbytes/lyra deps the peer reuses
+BASE_PY=$("$PY" -c 'import sys; print(sys.executable)')
+BASE_SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+BASE_INTERP=$("$PY" -c 'import sys; print(sys._base_executable)')
 
 "$BASE_INTERP" -m venv "$VENV"
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$BASE_SITE" > "$SITE/zz_lyra_base.pth"
-"$VENV/bin/python" -m pip install -q --no-deps \
+"$VENV/bin/python" -m pip install -q --retries 0 --timeout 10 --no-deps \
     "llamafactory==0.9.5" "transformers==5.6.0" "trl==0.24.0" "peft==0.18.1" "accelerate==1.11.0" \
     "datasets==4.0.0" "tokenizers==0.22.2" "huggingface-hub>=1.5,<2" "fsspec[http]<=2025.3.0" "dill<0.3.9" \
     "multiprocess<0.70.17" "tyro<0.9.0" fire sse-starlette einops

@@ -703,8 +703,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens generated per prompt")
     parser.add_argument("--timeout", type=int, default=3600,
                         help="seconds per variant subprocess; a variant past it is reported unsupported")
+    parser.add_argument("--print-model-overrides", action="store_true",
+                        help="print the Hydra overrides that select --model for `python -m lyra.train`, and exit")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args(argv)
+    if args.print_model_overrides:
+        print(shlex.join(model_overrides(args.model)))
+        return 0
     if args.steps < 1 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be >= 1")
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
