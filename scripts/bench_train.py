@@ -17,7 +17,7 @@ with the same seed, so the in-process ones see identical batches):
                 tokenized turns (`completion_mask`), padding_free=True (transformers 5 builds the
                 block-diagonal sdpa mask from the restarting position ids), TRL's own chunked
                 log-prob LM head
-  llamafactory  LLaMA-Factory's own SFT workflow (run_exp) with its qwen3 template and
+  llamafactory  LLaMA-Factory's own SFT workflow (run_exp) with its qwen3 (SmolLM2: smollm2) template and
                 enable_thinking=false on the same conversations, history masked (mask_history), run by
                 --llamafactory-python (it pins older transformers/trl/peft, so it lives in its own venv)
   unsloth       Unsloth's FastLanguageModel + TRL SFTTrainer, GPU only, when it is installed
@@ -58,6 +58,8 @@ PEER_PARITY_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
 GOALS = {"speedup": 1.3, "memory_ratio": 0.7}  # lyra vs the best peer (issue 15)
 PEERS = ("hf", "trl", "llamafactory", "unsloth")
 VARIANTS = ("baseline", "hf", "trl", "llamafactory", "unsloth", "lyra")
+# Run only when named in --variants: lyra with data.padding_free=true (flattened rows, sdpa block mask).
+OPTIONAL = ("lyra_padding_free",)
 GPU_ONLY = {"unsloth"}
 
 # Random Qwen3s built locally (weights a pure function of the seed), so no download is ever needed.
@@ -73,6 +75,7 @@ MODELS = {
     "smollm2_135m": None,
 }
 MODEL_CONFIG_OPTION = {"smollm2_135m": "smollm2_135m"}  # --model -> lyra/conf/model/<option>.yaml
+LLAMAFACTORY_TEMPLATE = {"smollm2_135m": "smollm2"}  # LLaMA-Factory's own template per model; Qwen3: qwen3
 
 
 # ---------------------------------------------------------------- shared setup (runs in each child)
@@ -96,7 +99,7 @@ def model_overrides(model: str) -> list[str]:
     overrides = ["model=tiny_qwen3"]
     if model != "tiny":
         overrides.append(f"model.name_or_path=${{paths.cache_dir}}/bench_{model}")
-        overrides += [f"model.build.{key}={value}" for key, value in MODELS[model].items()]
+        overrides += [f"++model.build.{key}={value}" for key, value in MODELS[model].items()]
     return overrides
 
 
@@ -370,7 +373,8 @@ def in_process_trainer(args, cfg, run_dir):
         trainer = measured(Trainer)(model=model, args=training_args, train_dataset=dataset,
                                     data_collator=collator, processing_class=tokenizer)
     else:
-        trainer = build_trainer(model, training_args, tokenizer, dataset, None, cfg.data.padding_free,
+        padding_free = True if args.variant == "lyra_padding_free" else cfg.data.padding_free
+        trainer = build_trainer(model, training_args, tokenizer, dataset, None, padding_free,
                                 trainer_cls=measured(SupervisedLogitsTrainer))
     return trainer, model, dataset
 
@@ -415,7 +419,8 @@ def llamafactory_trainer(args, cfg, run_dir):
     quantized = bool(cfg.quantization.get("load_in_4bit"))
     lf_args = {
         "stage": "sft", "do_train": True, "model_name_or_path": model_path(cfg.model),
-        "template": "qwen3", "enable_thinking": False, "mask_history": True, "train_on_prompt": False,
+        "template": LLAMAFACTORY_TEMPLATE.get(args.model, "qwen3"), "enable_thinking": False,
+        "mask_history": True, "train_on_prompt": False,
         "dataset": "bench", "dataset_dir": str(data_dir), "cutoff_len": args.max_length, "preprocessing_num_workers": 1,
         "finetuning_type": "lora", "lora_target": ",".join(cfg.lora.target_modules), "lora_rank": cfg.lora.r,
         "lora_alpha": cfg.lora.lora_alpha, "lora_dropout": cfg.lora.lora_dropout,
@@ -688,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny: CPU in minutes; small: random 8-layer Qwen3; qwen3_0_6b: the real architecture "
                              "(random weights); smollm2_135m: real weights (model=smollm2_135m)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated subset of {','.join(VARIANTS)} (lyra is always run)")
+                        help=f"comma-separated subset of {','.join(VARIANTS + OPTIONAL)} (lyra is always run)")
     parser.add_argument("--quantization", choices=("auto", "nf4", "none"), default="auto",
                         help="auto: nf4 on GPU and for tiny, none (fp32 LoRA) on CPU otherwise")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per variant (the first is untimed)")
@@ -713,8 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be >= 1")
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if unknown := sorted(set(chosen) - set(VARIANTS)):
-        parser.error(f"--variants: unknown {','.join(unknown)}; choose from {','.join(VARIANTS)}")
+    if unknown := sorted(set(chosen) - set(VARIANTS + OPTIONAL)):
+        parser.error(f"--variants: unknown {','.join(unknown)}; choose from {','.join(VARIANTS + OPTIONAL)}")
 
     if args.variant:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -726,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {shlex.join(shown)}")
     print(f"machine: {machine()}   load average at start: {load_average()}")
     variants = (("no_cache", "kv_cache", "static_compile") if args.generate
-                else [v for v in VARIANTS if v in chosen or v == "lyra"])
+                else [v for v in VARIANTS + OPTIONAL if v in chosen or v == "lyra"])
     results = {}
     for variant in variants:
         print(f"running {variant} ...", flush=True)
