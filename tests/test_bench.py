@@ -107,3 +107,21 @@ def test_unavailable_peers_say_why_in_one_line(monkeypatch):
     assert bench.unavailable("trl", args) == "`trl` is not installed (pip install -e '.[bench]')"
     assert bench.unavailable("llamafactory", args).startswith("llamafactory is not installed")
     assert bench.unavailable("hf", args) is None
+
+
+@pytest.mark.parametrize("model", ["tiny", "small", "qwen3_0_6b"])
+def test_every_random_model_composes_with_its_architecture(model, tmp_path):
+    args = argparse.Namespace(model=model, quantization="auto", max_length=256, steps=2, batch_size=2)
+    cfg = bench.compose_config(args, str(tmp_path))
+    for key, value in bench.MODELS[model].items():
+        assert cfg.model.build[key] == value
+    import torch
+
+    assert cfg.quantization.load_in_4bit == (model == "tiny" or torch.cuda.is_available())  # CPU: fp32 above tiny
+    assert cfg.trainer.train_sampling_strategy == "group_by_length" and cfg.trainer.max_steps == 2
+
+
+def test_a_model_option_missing_from_the_checkout_says_so(monkeypatch):
+    monkeypatch.setitem(bench.MODEL_CONFIG_OPTION, "smollm2_135m", "no_such_model")
+    with pytest.raises(SystemExit, match="needs lyra/conf/model/no_such_model.yaml"):
+        bench.model_overrides("smollm2_135m")
