@@ -62,7 +62,8 @@ def test_bench_smoke_reports_every_variant_with_ratios_and_parity(monkeypatch, c
     rows = report["variants"]
     for name, row in rows.items():
         assert row["status"] == "ok" and row["steps"] == 1 and row["conversation_tokens_per_s"] > 0
-        assert {"supervised_tokens_per_s", "pad_fraction", "training_memory_bytes", "first_batch_loss"} <= row.keys()
+        assert {"supervised_tokens_per_s", "supervised_tokens_per_cpu_s", "pad_fraction", "training_memory_bytes",
+                "first_batch_loss"} <= row.keys()
     # same examples: the seed-style run supervises every token and pads to --max-length, lyra only the replies
     assert rows["baseline"]["supervised_tokens_per_s"] / rows["baseline"]["conversation_tokens_per_s"] > 0.95
     assert rows["lyra"]["supervised_tokens_per_s"] < rows["lyra"]["conversation_tokens_per_s"]
@@ -81,7 +82,7 @@ def test_bench_smoke_reports_every_variant_with_ratios_and_parity(monkeypatch, c
 
 def row(loss, tokens_per_s, memory=100):
     return {"status": "ok", "first_batch_loss": loss, "supervised_tokens_per_s": tokens_per_s,
-            "training_memory_bytes": memory, "dtype": "float32"}
+            "supervised_tokens_per_cpu_s": tokens_per_s, "training_memory_bytes": memory, "dtype": "float32"}
 
 
 def test_a_peer_with_another_objective_is_flagged_and_never_the_best_peer():
