@@ -6,14 +6,19 @@ Used by `lyra.train` (and measured against the seed-style pipeline by `scripts/b
 
 - `SupervisedLogitsTrainer` applies the LM head only to hidden states whose *shifted* label is
   supervised. Qwen3's head is 151,936 wide, so a full-logits pass over a system prompt that is never
-  trained on is most of a step's FLOPs and memory. The loss is the standard masked mean
-  cross-entropy, bit for bit the same normalisation as `ForCausalLMLoss`: a sum over supervised
-  tokens divided by the Trainer's `num_items_in_batch` (the count over all gradient-accumulation
-  micro-batches), or a per-batch mean when the Trainer gives no count.
+  trained on is most of a step's FLOPs and memory. For a plain linear head the projection and the
+  cross-entropy are fused and chunked (`linear_cross_entropy`): at most `CE_CHUNK_BYTES` of logits
+  exist at a time, and their gradient is taken on the spot, so neither the logits nor their softmax
+  are kept for the backward. The loss is the standard masked mean cross-entropy, the same
+  normalisation as `ForCausalLMLoss`: a sum over supervised tokens divided by the Trainer's
+  `num_items_in_batch` (the count over all gradient-accumulation micro-batches), or a per-batch mean
+  when the Trainer gives no count.
 - `build_collator`: dynamic padding to the longest sample of the batch (a multiple of 8 on GPU, where
   tensor cores want it); batches are length-grouped by `trainer.train_sampling_strategy=group_by_length`.
-  With `data.padding_free=true` and a flash-attention varlen model, samples are flattened into one
-  row with restarting position ids instead; elsewhere lyra says so and falls back to padding.
+  With `data.padding_free=true`, samples are flattened into one row with restarting position ids
+  instead: flash-attention's varlen kernel, or (transformers >= 5) sdpa/eager/flex with the
+  block-diagonal mask transformers derives from the restarting position ids. Other attention
+  implementations get a logged fallback to padding.
 """
 
 from __future__ import annotations
@@ -32,8 +37,14 @@ from lyra.errors import UserError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-# Attention kernels that attend within each flattened sample given only restarting position ids.
+# Attention implementations that attend within each flattened sample given only restarting position
+# ids: the varlen kernels, and the masked ones for which transformers 5 builds a block-diagonal mask
+# (masking_utils.find_packed_sequence_indices; tests/test_trainer.py proves the padded loss).
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+PACKED_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
+# Logits alive at once in the fused head + loss: 64 MiB is ~110 Qwen3 tokens of fp32 logits. Larger
+# chunks barely speed up the matmuls and cost memory one for one.
+CE_CHUNK_BYTES = 64 * 2**20
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -70,6 +81,89 @@ def supervised_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     return loss / num_items_in_batch
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed CE of `linear(hidden, weight, bias)` rows against `targets`, chunk by chunk.
+
+    The gradient w.r.t. each chunk's logits (softmax - one-hot) is known as soon as its logits are,
+    so it is pushed through the head in the forward and only [n, hidden]-sized gradients are kept
+    (the Liger/"cut cross-entropy" idea, in plain torch so it runs on CPU too).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int, with_grads: bool):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grads = with_grads and (hidden.requires_grad or weight.requires_grad
+                                or (bias is not None and bias.requires_grad))
+        grad_hidden = torch.zeros_like(hidden) if grads and hidden.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads and weight.requires_grad else None
+        grad_bias = (torch.zeros_like(bias, dtype=torch.float32)
+                     if grads and bias is not None and bias.requires_grad else None)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = hidden[start:start + chunk_rows]
+            target = targets[start:start + chunk_rows]
+            logits = nn.functional.linear(rows, weight, bias).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            if not grads:
+                continue
+            logits.sub_(log_norm[:, None]).exp_()  # softmax in place: d(sum CE)/d(logits) is softmax - one-hot
+            logits[torch.arange(target.shape[0], device=target.device), target] -= 1
+            grad_logits = logits.to(rows.dtype if rows.dtype == weight.dtype else torch.float32)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_rows] = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.float().T @ rows.float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.float().sum(0)
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
+        ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        out = []
+        for grad, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes):
+            out.append((grad * grad_total.to(grad.dtype)).to(dtype) if present else None)
+        return (*out, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
+                         chunk_bytes: int = CE_CHUNK_BYTES) -> torch.Tensor:
+    """sum over rows of CE(head(hidden), targets) in fp32, never holding more than `chunk_bytes` of logits."""
+    chunk_rows = max(1, chunk_bytes // (4 * head.out_features))
+    return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_rows, torch.is_grad_enabled())
+
+
+def fusable_head(model, head: nn.Module) -> bool:
+    """A plain nn.Linear head with no logit scaling/softcapping: the fused loss computes exactly its logits."""
+    config = getattr(model, "config", None)
+    scaled = any(getattr(config, name, None) not in (None, 1.0) for name in
+                 ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"))
+    return type(head) is nn.Linear and not scaled
+
+
+@contextlib.contextmanager
+def head_captures(head: nn.Module) -> Iterator[dict]:
+    """While active, `head` returns [rows, 0] (no logits) and its input lands in the yielded dict."""
+    captured: dict[str, torch.Tensor] = {}
+    replaced = "forward" in head.__dict__
+    original = head.__dict__.get("forward")
+
+    def capture(hidden):
+        captured["hidden"] = hidden
+        return hidden.new_empty(*hidden.shape[:-1], 0)
+
+    head.forward = capture
+    try:
+        yield captured
+    finally:
+        if replaced:
+            head.forward = original
+        else:
+            del head.forward
+
+
 class SupervisedLogitsTrainer(Trainer):
     """A Trainer whose causal-LM loss computes logits only at supervised positions.
 
@@ -102,10 +196,21 @@ class SupervisedLogitsTrainer(Trainer):
         targets = inputs.pop("shift_labels", None)
         targets = shifted_targets(labels) if targets is None else targets
         keep = targets != IGNORE_INDEX
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        with head_sees_only(head, keep):
-            outputs = model(**inputs)
-        loss = supervised_cross_entropy(outputs.logits, targets[keep], num_items_in_batch)
+        unwrapped = self.accelerator.unwrap_model(model)
+        head = unwrapped.get_output_embeddings()
+        if fusable_head(unwrapped, head):
+            with head_sees_only(head, keep), head_captures(head) as captured:
+                outputs = model(**inputs)
+            total = linear_cross_entropy(captured["hidden"], head, targets[keep])
+            if num_items_in_batch is None:
+                loss = total / max(int(keep.sum()), 1)
+            else:
+                loss = total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch)
+                                else num_items_in_batch)
+        else:
+            with head_sees_only(head, keep):
+                outputs = model(**inputs)
+            loss = supervised_cross_entropy(outputs.logits, targets[keep], num_items_in_batch)
         if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
                 and num_items_in_batch is not None):
             # num_items_in_batch is the count over all ranks: undo the mean DDP applies to gradients
@@ -122,9 +227,9 @@ def attention_implementation(model) -> str:
 def padding_free_problem(model) -> str | None:
     """Why samples cannot be flattened into one row for this model, or None when they can."""
     implementation = attention_implementation(model)
-    if implementation not in VARLEN_ATTENTION:
-        return (f"attention {implementation!r} has no variable-length kernel "
-                f"(needs model.attn_implementation=flash_attention_2 and the flash-attn package on a GPU)")
+    if implementation not in VARLEN_ATTENTION + PACKED_MASK_ATTENTION:
+        return (f"attention {implementation!r} neither has a variable-length kernel nor takes the block-diagonal "
+                f"mask transformers builds from restarting position ids (use sdpa, eager or flash_attention_2)")
     return None
 
 
@@ -135,7 +240,8 @@ def build_collator(tokenizer, model, padding_free: bool):
     if padding_free:
         problem = padding_free_problem(model)
         if problem is None:
-            log.info("data.padding_free: samples are flattened into one row with restarting position ids")
+            log.info("data.padding_free: samples are flattened into one row with restarting position ids (%s)",
+                     attention_implementation(model))
             return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
         log.warning("data.padding_free=true is not available: %s; falling back to dynamic padding", problem)
     return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX,

