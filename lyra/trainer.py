@@ -198,7 +198,9 @@ class SupervisedLogitsTrainer(Trainer):
         keep = targets != IGNORE_INDEX
         unwrapped = self.accelerator.unwrap_model(model)
         head = unwrapped.get_output_embeddings()
-        if fusable_head(unwrapped, head):
+        # Under DDP the loss must come from the wrapped model's outputs: DDP finds the parameters a step
+        # used by walking back from them, and the fused loss reads the head's input outside that graph.
+        if fusable_head(unwrapped, head) and self.accelerator.num_processes == 1:
             with head_sees_only(head, keep), head_captures(head) as captured:
                 outputs = model(**inputs)
             total = linear_cross_entropy(captured["hidden"], head, targets[keep])

@@ -66,8 +66,10 @@ def test_two_concurrent_runs_build_the_model_cache_once(concurrent_runs):
         assert (run["dir"] / "metrics.json").is_file()
     logs = [(run["dir"] / "train.log").read_text() for run in runs.values()]
     assert sum(log.count("built tiny Qwen3") for log in logs) == 1  # one built it, the other waited
-    # Only the finished model and its lock: no half-written staging dir left behind.
-    assert sorted(path.name for path in concurrent_runs["cache"].iterdir()) == ["tiny_qwen3", "tiny_qwen3.lock"]
+    # Only the finished model, its lock and the tokenized-data cache: no half-written staging dir or file.
+    cache = concurrent_runs["cache"]
+    assert sorted(path.name for path in cache.iterdir()) == ["tiny_qwen3", "tiny_qwen3.lock", "tokenized"]
+    assert [path.name for path in (cache / "tokenized").iterdir() if path.name.endswith(".tmp")] == []
 
 
 @pytest.mark.slow
