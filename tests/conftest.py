@@ -106,3 +106,22 @@ def small_corpus(tmp_path_factory) -> list[str]:
         lines = corpus_file(split).read_text(encoding="utf-8").splitlines()[:count]
         (directory / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return [f"data.train_file={directory / 'train.jsonl'}", f"data.eval_file={directory / 'eval.jsonl'}"]
+
+
+def template_ids(tokenizer, messages, **kwargs) -> list[int]:
+    """The chat template's own token ids for `messages` (thinking off; templates without it ignore the flag)."""
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                              enable_thinking=False, **kwargs)["input_ids"])
+
+
+def tiny_lora_setup(output_dir: Path):
+    """(cfg, tokenizer, splits, model, dtype): the smoke experiment's 4-bit tiny Qwen3 + LoRA (no dropout) + data."""
+    from lyra.data import build_datasets
+    from lyra.modeling import apply_lora, build_model, build_quantization, build_tokenizer, resolve_dtype
+
+    cfg = compose(["experiment=smoke", "logger=none", f"paths.output_dir={output_dir}", "lora.lora_dropout=0"])
+    tokenizer = build_tokenizer(cfg.model)
+    splits = build_datasets(cfg.data, tokenizer)
+    dtype = resolve_dtype(cfg.model.dtype)
+    model = apply_lora(build_model(cfg.model, build_quantization(cfg.quantization, dtype), dtype), cfg.lora)
+    return cfg, tokenizer, splits, model, dtype

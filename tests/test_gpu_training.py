@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose
+from conftest import tiny_lora_setup
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(scope="module")
 def gpu_setup(tmp_path_factory):
-    from lyra.data import build_datasets
-    from lyra.modeling import apply_lora, build_model, build_quantization, build_tokenizer, resolve_dtype
-
-    cfg = compose(["experiment=smoke", "logger=none", f"paths.output_dir={tmp_path_factory.mktemp('g')}",
-                   "lora.lora_dropout=0"])
-    tokenizer = build_tokenizer(cfg.model)
-    splits = build_datasets(cfg.data, tokenizer)
-    dtype = resolve_dtype(cfg.model.dtype)
-    model = apply_lora(build_model(cfg.model, build_quantization(cfg.quantization, dtype), dtype), cfg.lora)
-    return cfg, tokenizer, splits, model, dtype
+    return tiny_lora_setup(tmp_path_factory.mktemp("g"))
 
 
 def test_fused_loss_equals_full_logits_loss_on_gpu(gpu_setup, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose
+from conftest import compose, template_ids
 from lyra.data.formats import Conversation
 from lyra.data.tokenization import IGNORE_INDEX, chat_prompt_ids, encode_conversation, turn_end_ids, with_system_prompt
 
@@ -31,9 +31,6 @@ CHAT = Conversation("c1", [
 ])
 
 
-def _template_ids(tokenizer, messages, **kwargs):
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
-
 
 # ---------------------------------------------------------------- template-agnostic masks
 
@@ -45,10 +42,10 @@ def test_smollm2_masks_supervise_exactly_each_reply_and_its_im_end(smollm2_token
     messages = with_system_prompt(CHAT.messages, SYSTEM)
     assert len(examples) == 2
     for example, last in zip(examples, (2, 4)):
-        rendered = _template_ids(tokenizer, messages[: last + 1])
+        rendered = template_ids(tokenizer, messages[: last + 1])
         assert example["input_ids"] == rendered[: len(example["input_ids"])]
         assert rendered[len(example["input_ids"]):] == tokenizer.encode("\n", add_special_tokens=False)
-        prompt = _template_ids(tokenizer, messages[:last], add_generation_prompt=True)
+        prompt = template_ids(tokenizer, messages[:last], add_generation_prompt=True)
         assert prompt == chat_prompt_ids(messages[:last], tokenizer)
         assert example["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
         assert example["labels"][len(prompt):] == example["input_ids"][len(prompt):]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from conftest import template_ids
 from lyra.data.formats import Conversation
 from lyra.data.tokenization import IGNORE_INDEX, chat_prompt_ids, encode_conversation, with_system_prompt
 
@@ -14,10 +15,6 @@ CHAT = Conversation("c1", [
 ])
 
 
-def _template_ids(tokenizer, messages, **kwargs):
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                              enable_thinking=False, **kwargs)["input_ids"])
-
 
 def test_one_example_per_assistant_turn_with_assistant_only_labels(tokenizer):
     examples = encode_conversation(CHAT, tokenizer, max_length=512, system_prompt=SYSTEM)
@@ -26,10 +23,10 @@ def test_one_example_per_assistant_turn_with_assistant_only_labels(tokenizer):
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for example, last in zip(examples, (2, 4)):
         # The sequence is exactly the template's rendering up to this turn's <|im_end|>.
-        rendered = _template_ids(tokenizer, messages[: last + 1])
+        rendered = template_ids(tokenizer, messages[: last + 1])
         assert example["input_ids"] == rendered[: len(example["input_ids"])]
         assert example["input_ids"][-1] == im_end
-        prompt = _template_ids(tokenizer, messages[:last], add_generation_prompt=True)
+        prompt = template_ids(tokenizer, messages[:last], add_generation_prompt=True)
         for position, (token, label) in enumerate(zip(example["input_ids"], example["labels"])):
             if position < len(prompt):
                 assert label == IGNORE_INDEX, f"prompt token {tokenizer.decode([token])!r} is supervised"

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import compose
+from conftest import compose, tiny_lora_setup
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -18,15 +18,7 @@ from lyra.trainer import IGNORE_INDEX, build_collator, build_trainer, linear_cro
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Tiny 4-bit Qwen3 + LoRA (no dropout, non-zero B so every LoRA weight gets a gradient) + data."""
-    from lyra.data import build_datasets
-    from lyra.modeling import apply_lora, build_model, build_quantization, build_tokenizer, resolve_dtype
-
-    cfg = compose(["experiment=smoke", "logger=none", f"paths.output_dir={tmp_path_factory.mktemp('t')}",
-                   "lora.lora_dropout=0"])
-    tokenizer = build_tokenizer(cfg.model)
-    splits = build_datasets(cfg.data, tokenizer)
-    dtype = resolve_dtype(cfg.model.dtype)
-    model = apply_lora(build_model(cfg.model, build_quantization(cfg.quantization, dtype), dtype), cfg.lora)
+    cfg, tokenizer, splits, model, _ = tiny_lora_setup(tmp_path_factory.mktemp("t"))
     torch.manual_seed(0)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
