@@ -43,6 +43,7 @@ from transformers import TrainerCallback
 
 from lyra.errors import RunFailed, UserError
 from lyra.paths import resolve_user_path
+from lyra.secrets import scrub_text
 
 log = logging.getLogger(__name__)
 
@@ -298,13 +299,18 @@ def failed_component(error: BaseException) -> str:
     return frames[-1].f_code.co_name if frames else "training"
 
 
-def record_failure(run_dir: Path, error: BaseException) -> Path:
-    """The full traceback, kept in the run dir so the console gets one line."""
+def write_failure_log(run_dir: Path, error: BaseException) -> Path:
+    """The full traceback, kept in the run dir so the console gets one line; secrets masked like every run file."""
     import traceback as tb
 
     path = run_dir / FAILURE_LOG
-    path.write_text("".join(tb.format_exception(error)), encoding="utf-8")
+    path.write_text(scrub_text("".join(tb.format_exception(error))), encoding="utf-8")
     return path
+
+
+def _error(error: BaseException) -> str:
+    """`Type: message` of the error for the one-line report, secrets masked (it may quote an env value)."""
+    return scrub_text(f"{type(error).__name__}: {error}")
 
 
 @contextlib.contextmanager
@@ -315,8 +321,8 @@ def keep_adapter_after_training(run_dir: Path, adapter: Path) -> Iterator[None]:
     except (UserError, KeyboardInterrupt, SystemExit):
         raise
     except Exception as error:  # noqa: BLE001 - disk full, W&B, a metric: the weights are already safe
-        log_file = record_failure(run_dir, error)
-        raise RunFailed(f"{failed_component(error)} failed after training ({type(error).__name__}: {error}); "
+        log_file = write_failure_log(run_dir, error)
+        raise RunFailed(f"{failed_component(error)} failed after training ({_error(error)}); "
                         f"the trained adapter is saved in {adapter}; traceback in {log_file}") from error
 
 
@@ -366,20 +372,20 @@ def _saved_after_crash(trainer, run_dir: Path, error: BaseException) -> RunFaile
             callback.training_bar.close()
             callback.training_bar = None
     what, step = failed_component(error), trainer.state.global_step
-    log_file = record_failure(run_dir, error)
+    log_file = write_failure_log(run_dir, error)
     if step == 0:  # nothing trained, nothing to keep: an empty interrupted/ would only block the rerun
-        return RunFailed(f"{what} failed before the first step ({type(error).__name__}: {error}); "
+        return RunFailed(f"{what} failed before the first step ({_error(error)}); "
                          f"traceback in {log_file}")
     finished = trainer.state.max_steps > 0 and step >= trainer.state.max_steps
     if trainer.is_world_process_zero():
         saved = (save_adapter(trainer, run_dir / "adapter") if finished
-                 else save_interrupted(trainer, run_dir, f"{what}: {type(error).__name__}: {error}"))
+                 else save_interrupted(trainer, run_dir, f"{what}: {_error(error)}"))
     else:
         saved = run_dir / ("adapter" if finished else INTERRUPTED_DIR)
     complete, _ = scan_checkpoints(Path(trainer.args.output_dir))
     where = "after the last step" if finished else f"at step {step}"
     resume = f"; rerun the same command to resume from {complete[-1].name}" if complete else ""
-    return RunFailed(f"{what} failed {where} ({type(error).__name__}: {error}); adapter saved in {saved}{resume}; "
+    return RunFailed(f"{what} failed {where} ({_error(error)}); adapter saved in {saved}{resume}; "
                      f"traceback in {log_file}")
 
 

@@ -117,6 +117,24 @@ def test_a_failure_before_the_first_step_saves_nothing_that_would_block_the_reru
     assert resolve_resume("auto", False, run_dir, config.lora) is None  # the same command starts afresh
 
 
+def test_the_failure_line_and_log_mask_secrets(tmp_path, monkeypatch, capsys, small_corpus):
+    secret = "planted-token-value-1234"
+    monkeypatch.setenv("LYRA_TEST_API_TOKEN", secret)
+
+    class LeakingCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError(f"auth failed with {secret}")
+
+    inject_callback(monkeypatch, LeakingCallback())
+    run_dir = tmp_path / "run"
+    line = train_expecting_one_line(compose([*FAST, *small_corpus, f"paths.output_dir={run_dir}"]), capsys)
+    assert "RuntimeError: auth failed with ***" in line and secret not in line
+    for written in (run_dir / FAILURE_LOG, run_dir / INTERRUPTED_DIR / "interrupted.json"):
+        text = written.read_text()
+        assert "auth failed with ***" in text and secret not in text
+
+
 def test_disk_full_while_writing_metrics_keeps_the_saved_adapter(tmp_path, monkeypatch, capsys, small_corpus):
     run_dir = tmp_path / "run"
     write_text = Path.write_text
