@@ -58,8 +58,9 @@ PEER_PARITY_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
 GOALS = {"speedup": 1.3, "memory_ratio": 0.7}  # lyra vs the best peer (issue 15)
 PEERS = ("hf", "trl", "llamafactory", "unsloth")
 VARIANTS = ("baseline", "hf", "trl", "llamafactory", "unsloth", "lyra")
-# Run only when named in --variants: lyra with data.padding_free=true (flattened rows, sdpa block mask).
-OPTIONAL = ("lyra_padding_free",)
+# Run only when named in --variants: lyra with data.padding_free=true (flattened rows, sdpa block mask),
+# and lyra with model.lean_activations=false (the stock norm and MLP modules: what lyra.lean saves).
+OPTIONAL = ("lyra_padding_free", "lyra_stock_modules")
 GPU_ONLY = {"unsloth"}
 
 # Random Qwen3s built locally (weights a pure function of the seed), so no download is ever needed.
@@ -222,6 +223,18 @@ class MemoryMeter:
         return int(max(peak - self.base, 0))
 
 
+def page_in(model) -> None:
+    """Read every weight once. transformers maps safetensors files lazily, so on CPU a weight enters RSS
+    on its first use: without this, the first training step would count the whole model as training
+    memory (~2.3 GB at Qwen3-0.6B), the same for every variant, pulling every ratio toward 1."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.device.type == "cpu" and tensor.numel():
+                tensor.reshape(-1)[:: max(1, 4096 // tensor.element_size())].sum()  # one read per 4 KiB page
+
+
 def measured(trainer_cls):
     """`trainer_cls` that times whole optimizer steps, counts tokens per step, measures training
     memory around `train()`, and takes the first-batch loss through its own collator and loss."""
@@ -265,6 +278,7 @@ def measured(trainer_cls):
             return self._bench_loader
 
         def train(self, *args, **kwargs):
+            page_in(self.model)
             memory = MemoryMeter()
             memory.start()
             result = super().train(*args, **kwargs)
@@ -378,6 +392,10 @@ def in_process_trainer(args, cfg, run_dir):
         trainer = measured(Trainer)(model=model, args=training_args, train_dataset=dataset,
                                     data_collator=collator, processing_class=tokenizer)
     else:
+        from lyra.lean import lean_activations
+
+        if cfg.model.get("lean_activations", True) and args.variant != "lyra_stock_modules":
+            lean_activations(model)  # as lyra.train does after apply_lora
         padding_free = True if args.variant == "lyra_padding_free" else cfg.data.padding_free
         trainer = build_trainer(model, training_args, tokenizer, dataset, None, padding_free,
                                 trainer_cls=measured(SupervisedLogitsTrainer))
