@@ -156,6 +156,8 @@ def validate(cfg: DictConfig) -> None:
     _require(isinstance(cfg.overwrite, bool), "overwrite", f"must be true or false, got {cfg.overwrite!r}")
     _require(isinstance(cfg.model.trust_remote_code, bool), "model.trust_remote_code",
              f"must be true or false, got {cfg.model.trust_remote_code!r}")
+    _require(isinstance(cfg.model.get("lean_activations", True), bool), "model.lean_activations",
+             f"must be true or false, got {cfg.model.get('lean_activations')!r}")
     lora, trainer, data = cfg.lora, cfg.trainer, cfg.data
     _require(isinstance(lora.r, int) and lora.r > 0, "lora.r", f"must be an integer > 0, got {lora.r}")
     _require(_is_number(lora.lora_alpha) and lora.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {lora.lora_alpha}")

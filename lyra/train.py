@@ -28,6 +28,7 @@ from lyra.config import validate, validate_max_length
 from lyra.data import build_datasets
 from lyra.distributed import finish_process_group, rank_aware_argv
 from lyra.errors import UserError, exit_on_user_error
+from lyra.lean import lean_activations
 from lyra.modeling import (apply_lora, build_model, build_quantization, build_tokenizer, count_parameters,
                            resolve_dtype)
 from lyra.secrets import protect_run, scrub, scrub_config
@@ -99,6 +100,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(cfg.model, quantization_config, dtype)
 
     model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+    if cfg.model.get("lean_activations", True):  # same outputs, less kept for the backward (lyra.lean)
+        log.info("lean activations: %s", lean_activations(model))
     trainable_params, total_params = count_parameters(model)
     log.info("LoRA: %s trainable of %s params", f"{trainable_params:,}", f"{total_params:,}")
 

@@ -50,6 +50,7 @@ def smoke_config():
     ("resume", None, "resume: must be auto, never, or the path of a run dir or checkpoint, got None"),
     ("overwrite", "maybe", "overwrite: must be true or false, got 'maybe'"),
     ("model.trust_remote_code", "yes", "model.trust_remote_code: must be true or false, got 'yes'"),
+    ("model.lean_activations", "on", "model.lean_activations: must be true or false, got 'on'"),
 ])
 def test_out_of_range_values_name_the_key_and_range(smoke_config, key, value, line):
     config = smoke_config.copy()
