@@ -279,12 +279,30 @@ def check_target_modules(model, target_modules) -> None:
         raise UserError("lora.target_modules", f"{missing} match no module in the model; available: {available}")
 
 
+def keep_4bit_weights_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns layers changed.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight the first time the
+    layer runs in eval mode without gradients, and matmuls on the repacked weight pass no gradient to
+    their input. In training, the first evaluation would do that to every layer, and from then on no
+    LoRA weight below the last 4-bit layer would get a gradient: training would go on, silently
+    learning nothing. A model that trains keeps the layout autograd can go through.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
 def apply_lora(model, lora_cfg: DictConfig, gradient_checkpointing: bool = False):
     """Wrap the base in a PEFT LoRA adapter; 4-bit bases are first prepared for k-bit training."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     check_target_modules(model, lora_cfg.target_modules)
     if getattr(model, "is_loaded_in_4bit", False):
+        keep_4bit_weights_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.enable_input_require_grads()
