@@ -176,6 +176,10 @@ def validate(cfg: DictConfig) -> None:
              f"must be an integer >= 32, got {data.max_length}")
     _require(isinstance(data.get("padding_free", False), bool), "data.padding_free",
              f"must be true or false, got {data.get('padding_free')!r}")
+    _require(isinstance(data.get("prefix_sharing", False), bool), "data.prefix_sharing",
+             f"must be true or false, got {data.get('prefix_sharing')!r}")
+    _require(not (data.get("prefix_sharing") and data.get("padding_free")), "data.prefix_sharing",
+             "and data.padding_free both pack a batch into rows, in different ways: set one of them to false")
     _require(data.get("on_invalid") in ("error", "skip"), "data.on_invalid", f"must be error or skip, got {data.get('on_invalid')}")
     _check_file(cfg, "data.train_file")
     _check_file(cfg, "data.eval_file")

@@ -58,9 +58,10 @@ PEER_PARITY_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
 GOALS = {"speedup": 1.3, "memory_ratio": 0.7}  # lyra vs the best peer (issue 15)
 PEERS = ("hf", "trl", "llamafactory", "unsloth")
 VARIANTS = ("baseline", "hf", "trl", "llamafactory", "unsloth", "lyra")
-# Run only when named in --variants: lyra with data.padding_free=true (flattened rows, sdpa block mask),
-# and lyra with model.lean_activations=false (the stock norm and MLP modules: what lyra.lean saves).
-OPTIONAL = ("lyra_padding_free", "lyra_stock_modules")
+# Run only when named in --variants, each lyra with one default changed: data.padding_free=true
+# (flattened rows, sdpa block mask, instead of prefix sharing), data.prefix_sharing=false (one row per
+# example), model.lean_activations=false (the stock norm and MLP modules).
+OPTIONAL = ("lyra_padding_free", "lyra_unshared", "lyra_stock_modules")
 GPU_ONLY = {"unsloth"}
 
 # Random Qwen3s built locally (weights a pure function of the seed), so no download is ever needed.
@@ -302,9 +303,12 @@ def measured(trainer_cls):
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self.first_batch_loss is None:
                 self.first_batch_loss = self._first_batch_loss(model)
-            ids = inputs["input_ids"]
-            non_pad = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel()
-            supervised = int((shifted_targets(inputs["labels"]) != IGNORE_INDEX).sum())
+            ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+            if mask is not None and mask.dim() == 4:  # lyra's prefix-sharing tree mask: tokens that see themselves
+                mask = mask.diagonal(dim1=-2, dim2=-1)
+            non_pad = int(mask.sum()) if mask is not None else ids.numel()
+            targets = inputs["shift_labels"] if "shift_labels" in inputs else shifted_targets(inputs["labels"])
+            supervised = int((targets != IGNORE_INDEX).sum())
             self.counts.append((non_pad, supervised, ids.numel()))
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -374,7 +378,7 @@ def in_process_trainer(args, cfg, run_dir):
     """baseline / hf / trl / lyra: model and data built here, identically for each."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from lyra.trainer import IGNORE_INDEX, SupervisedLogitsTrainer, build_trainer
+    from lyra.trainer import IGNORE_INDEX, SHARED_ROW_LENGTHS, SupervisedLogitsTrainer, build_trainer
 
     tokenizer, dataset, dtype, model = load_pipeline_inputs(cfg)
     if args.variant == "trl":
@@ -397,8 +401,10 @@ def in_process_trainer(args, cfg, run_dir):
         if cfg.model.get("lean_activations", True) and args.variant != "lyra_stock_modules":
             lean_activations(model)  # as lyra.train does after apply_lora
         padding_free = True if args.variant == "lyra_padding_free" else cfg.data.padding_free
+        prefix_sharing = cfg.data.prefix_sharing and args.variant not in ("lyra_padding_free", "lyra_unshared")
         trainer = build_trainer(model, training_args, tokenizer, dataset, None, padding_free,
-                                trainer_cls=measured(SupervisedLogitsTrainer))
+                                trainer_cls=measured(SupervisedLogitsTrainer), prefix_sharing=prefix_sharing,
+                                max_row_tokens=SHARED_ROW_LENGTHS * cfg.data.max_length)
     return trainer, model, dataset
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from conftest import compose, tiny_lora_setup
@@ -12,7 +13,8 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Tra
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lyra.errors import UserError
-from lyra.trainer import IGNORE_INDEX, build_collator, build_trainer, linear_cross_entropy, shifted_targets
+from lyra.trainer import (IGNORE_INDEX, PrefixSharingCollator, build_collator, build_trainer, linear_cross_entropy,
+                          shifted_targets)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +140,139 @@ def test_flattened_batch_gives_the_padded_loss(setup, tmp_path):
         flat_loss = lyra.compute_loss(model, flat).item()
     model.train()
     assert flat_loss == pytest.approx(padded_loss, abs=1e-5)
+
+
+def same_conversation_pair(splits) -> tuple[int, int]:
+    """Two consecutive examples that are turns 1 and 2 of one conversation (they share more than the system prompt)."""
+    data = splits.train
+    system = PrefixSharingCollator._shareable(*(np.asarray(data[i][k]) for i in (0, 1) for k in ("input_ids", "labels")))
+    for i in range(len(data) - 1):
+        a, b = data[i], data[i + 1]
+        shared = PrefixSharingCollator._shareable(np.asarray(a["input_ids"]), np.asarray(a["labels"]),
+                                                  np.asarray(b["input_ids"]), np.asarray(b["labels"]))
+        if shared > system + 5 and len(b["input_ids"]) < 200:
+            return i, i + 1
+    raise AssertionError("no two-turn conversation in the corpus")
+
+
+def batch_loss_and_grads(trainer, model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def test_prefix_sharing_gives_the_padded_loss(setup, tmp_path):
+    """Shared prompt tokens are run once, and the tiny 4-bit model's loss is the padded batch's."""
+    cfg, tokenizer, splits, model = setup
+    lyra, stock = make_trainers(setup, tmp_path)
+    first, second = same_conversation_pair(splits)
+    examples = [splits.train[i] for i in (first, second, 7, 7)]  # a 2-turn conversation, another, a duplicate
+    padded = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)(examples)
+    shared = PrefixSharingCollator(tokenizer, max_row_tokens=4096)(examples)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert shared["input_ids"].shape[0] == 1  # all four start with the system prompt: one row
+    real = int(shared["attention_mask"].diagonal(dim1=-2, dim2=-1).sum())
+    assert real < sum(lengths) - 3 * 40  # the system prompt (and more) is run once, not four times
+    assert int((shared["shift_labels"] != IGNORE_INDEX).sum()) == int((shifted_targets(padded["labels"]) != IGNORE_INDEX).sum())
+    model.eval()
+    with torch.no_grad():
+        padded_loss = lyra.compute_loss(model, dict(padded)).item()
+        assert lyra.compute_loss(model, dict(shared)).item() == pytest.approx(padded_loss, abs=1e-5)
+        # the model's own full-logits loss takes the tree mask and shift_labels too (predict, label smoothing)
+        assert stock.compute_loss(model, dict(shared)).item() == pytest.approx(padded_loss, abs=1e-5)
+    model.train()
+
+
+def test_prefix_sharing_gives_each_examples_own_loss_and_gradients_in_float64(setup, tmp_path):
+    """Exact equivalence: in float64 the tree rows give the loss and gradients of one pass per example."""
+    from test_lean import random_causal_lm
+
+    cfg, tokenizer, splits, _ = setup
+    model = random_causal_lm("qwen3").double()
+    vocab = model.config.vocab_size
+    first, second = same_conversation_pair(splits)
+    examples = [{"input_ids": [token % vocab for token in splits.train[i]["input_ids"]],
+                 "labels": [label if label == IGNORE_INDEX else label % vocab for label in splits.train[i]["labels"]]}
+                for i in (first, second, 7, 7, 3)]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    lyra = build_trainer(model, args, tokenizer, None, None, padding_free=False, prefix_sharing=True)
+
+    class PadZero:
+        pad_token_id = 0
+
+    shared = PrefixSharingCollator(PadZero(), max_row_tokens=260)(examples)  # the budget forces more rows
+    real = int(shared["attention_mask"].diagonal(dim1=-2, dim2=-1).sum())
+    assert shared["input_ids"].shape[0] >= 2 and real < sum(len(e["input_ids"]) for e in examples)
+    model.zero_grad(set_to_none=True)
+    shared_loss = lyra.compute_loss(model, dict(shared))
+    shared_loss.backward()
+    shared_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad(set_to_none=True)
+    count = sum(int((shifted_targets(torch.tensor(e["labels"])) != IGNORE_INDEX).sum()) for e in examples)
+    total = 0
+    for example in examples:
+        ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
+        logits = model(input_ids=ids).logits
+        total = total + torch.nn.functional.cross_entropy(logits[0], shifted_targets(labels)[0], reduction="sum")
+    (total / count).backward()
+    assert shared_loss.item() == pytest.approx((total / count).item(), rel=1e-9)
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            # transformers' RMSNorm computes in fp32 even for a float64 model: agreement to ~1e-8 of the largest
+            # gradient; a token seeing a wrong context would be off by orders of magnitude more
+            torch.testing.assert_close(shared_grads[name], parameter.grad, rtol=0,
+                                       atol=1e-6 * parameter.grad.abs().max().item())
+    assert shared_grads.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_4bit_layers_still_pass_gradients_after_an_evaluation(setup, tmp_path):
+    """bitsandbytes repacks 4-bit weights for CPU inference on an eval-mode no-grad pass, after which
+    they pass no gradient: lyra.modeling.keep_4bit_weights_trainable stops that for training models."""
+    cfg, tokenizer, splits, model = setup
+    lyra, _ = make_trainers(setup, tmp_path)
+    batch = lyra.data_collator([splits.train[i] for i in (0, 1)])
+    model.eval()
+    with torch.no_grad():
+        lyra.compute_loss(model, dict(batch))
+    model.train()
+    _, grads = batch_loss_and_grads(lyra, model, batch)
+    assert len(grads) == 8 and all(grad.abs().sum() > 0 for grad in grads.values())  # q/v A and B, 2 layers
+
+
+def test_prefix_sharing_rows_respect_the_token_budget(setup):
+    cfg, tokenizer, splits, model = setup
+    examples = [splits.train[i] for i in range(4)]
+    longest = max(len(e["input_ids"]) for e in examples)
+    separate = PrefixSharingCollator(tokenizer, max_row_tokens=longest)(examples)
+    assert separate["input_ids"].shape[0] >= 2
+    assert all(int(row.sum()) <= longest for row in separate["attention_mask"].diagonal(dim1=-2, dim2=-1))
+    padding = separate["attention_mask"][0, 0].diagonal() == 0
+    assert bool(separate["attention_mask"][0, 0][padding].any(-1).all())  # padding attends to something: no NaN
+
+
+def test_prefix_sharing_eval_loss_equals_stock(setup, tmp_path):
+    cfg, tokenizer, splits, model = setup
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=4)
+    eval_subset = splits.eval.select(range(8))
+    lyra = build_trainer(model, args, tokenizer, splits.train, eval_subset, padding_free=False, prefix_sharing=True)
+    assert isinstance(lyra.data_collator, PrefixSharingCollator)
+    stock = Trainer(model=model, args=args, eval_dataset=eval_subset, processing_class=tokenizer,
+                    data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX))
+    assert lyra.evaluate(eval_subset)["eval_loss"] == pytest.approx(stock.evaluate(eval_subset)["eval_loss"], abs=1e-5)
+
+
+def test_prefix_sharing_falls_back_without_sdpa(setup, caplog, monkeypatch):
+    cfg, tokenizer, splits, model = setup
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2", raising=False)
+    with caplog.at_level(logging.WARNING, logger="lyra.trainer"):
+        collator = build_collator(tokenizer, model, padding_free=False, prefix_sharing=True)
+    assert isinstance(collator, DataCollatorForSeq2Seq)
+    assert ("data.prefix_sharing=true is not available: it needs attn_implementation sdpa (a boolean tree mask), "
+            "not 'flash_attention_2'; one row per example instead") in caplog.text
 
 
 def test_padding_free_falls_back_without_a_packed_sequence_attention(setup, caplog, monkeypatch):
