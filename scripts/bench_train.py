@@ -454,6 +454,8 @@ def llamafactory_trainer(args, cfg, run_dir):
         "finetuning_type": "lora", "lora_target": ",".join(cfg.lora.target_modules), "lora_rank": cfg.lora.r,
         "lora_alpha": cfg.lora.lora_alpha, "lora_dropout": cfg.lora.lora_dropout,
         "flash_attn": "sdpa", "plot_loss": False, "overwrite_output_dir": True, "overwrite_cache": True,
+        # LLaMA-Factory checkpoints gradients unless told not to; every variant runs with lyra's setting
+        "disable_gradient_checkpointing": not train["gradient_checkpointing"],
         **{key: train[key] for key in ("output_dir", "report_to", "bf16", "fp16", "use_cpu", "max_steps",
                                        "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                                        "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim",
