@@ -264,6 +264,7 @@ class PrefixSharingCollator:
 
     A row holds at most `max_row_tokens` tokens: its dense mask costs attention over the whole row.
     Padding positions attend to the row's first token only (never an all-masked row, which gives NaN).
+    Logits asked for by `predict` come in this row layout, one per row position.
     """
 
     def __init__(self, tokenizer, max_row_tokens: int, pad_to_multiple_of: int | None = None):

@@ -77,6 +77,8 @@ MODELS = {
     "smollm2_135m": None,
 }
 MODEL_CONFIG_OPTION = {"smollm2_135m": "smollm2_135m"}  # --model -> lyra/conf/model/<option>.yaml
+# The persona lyra pairs with a model (experiment=cpu_real: SmolLM2 speaks English); others: the default.
+MODEL_PERSONA = {"smollm2_135m": "lyra_en"}
 LLAMAFACTORY_TEMPLATE = {"smollm2_135m": "smollm2"}  # LLaMA-Factory's own template per model; Qwen3: qwen3
 
 
@@ -97,7 +99,7 @@ def model_overrides(model: str) -> list[str]:
         if not (REPO_ROOT / "lyra" / "conf" / "model" / f"{option}.yaml").is_file():
             raise SystemExit(f"bench_train: --model {model} needs lyra/conf/model/{option}.yaml (model={option}), "
                              f"which this checkout does not have yet")
-        return [f"model={option}"]
+        return [f"model={option}"] + ([f"persona={MODEL_PERSONA[model]}"] if model in MODEL_PERSONA else [])
     overrides = ["model=tiny_qwen3"]
     if model != "tiny":
         overrides.append(f"model.name_or_path=${{paths.cache_dir}}/bench_{model}")
