@@ -1,7 +1,7 @@
 """Lean activations: the frozen base computes the same numbers but keeps less for the backward.
 
     from lyra.lean import lean_activations
-    counts = lean_activations(model)   # after apply_lora; {"rms_norm": 113, "swiglu_mlp": 28} for Qwen3-0.6B
+    counts = lean_activations(model)   # after apply_lora; Qwen3-0.6B: {"rms_norm": 113, "swiglu_mlp": 28, "kept_stock": 0}
 
 `lyra.train` calls it when `model.lean_activations=true` (the default). With LoRA the base is frozen,
 so the backward needs only what the input gradients need, but the stock modules keep more:
