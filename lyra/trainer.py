@@ -54,6 +54,12 @@ CE_CHUNK_BYTES = 64 * 2**20
 SHARED_ROW_LENGTHS = 2
 
 
+def token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[rows, seq]: which positions hold a token. A prefix-sharing tree mask ([rows, 1, L, L]) says it on
+    its diagonal (a token sees itself; padding never does), a padding mask is one already."""
+    return attention_mask.diagonal(dim1=-2, dim2=-1)[:, 0] if attention_mask.dim() == 4 else attention_mask
+
+
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """The label each position predicts: labels shifted left by one, IGNORE_INDEX at the end."""
     return nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -195,9 +201,8 @@ class SupervisedLogitsTrainer(Trainer):
             self._logits_requested = False
 
     def _track_num_input_tokens(self, inputs):
-        mask = inputs.get("attention_mask")
-        if mask is not None and mask.dim() == 4:  # a prefix-sharing tree mask: tokens run = those that see themselves
-            inputs = {**inputs, "attention_mask": mask.diagonal(dim1=-2, dim2=-1)}
+        if inputs.get("attention_mask") is not None:  # a tree mask counts tokens, not attended pairs
+            inputs = {**inputs, "attention_mask": token_mask(inputs["attention_mask"])}
         return super()._track_num_input_tokens(inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

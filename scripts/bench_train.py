@@ -244,7 +244,7 @@ def measured(trainer_cls):
     import torch
     from transformers import TrainerCallback
 
-    from lyra.trainer import IGNORE_INDEX, shifted_targets
+    from lyra.trainer import IGNORE_INDEX, shifted_targets, token_mask
 
     class StepClock(TrainerCallback):
         """Wall seconds per step, and this process's CPU seconds (all threads): on a shared machine the
@@ -306,9 +306,7 @@ def measured(trainer_cls):
             if self.first_batch_loss is None:
                 self.first_batch_loss = self._first_batch_loss(model)
             ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-            if mask is not None and mask.dim() == 4:  # lyra's prefix-sharing tree mask: tokens that see themselves
-                mask = mask.diagonal(dim1=-2, dim2=-1)
-            non_pad = int(mask.sum()) if mask is not None else ids.numel()
+            non_pad = int(token_mask(mask).sum()) if mask is not None else ids.numel()
             targets = inputs["shift_labels"] if "shift_labels" in inputs else shifted_targets(inputs["labels"])
             supervised = int((targets != IGNORE_INDEX).sum())
             self.counts.append((non_pad, supervised, ids.numel()))

@@ -14,7 +14,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lyra.errors import UserError
 from lyra.trainer import (IGNORE_INDEX, PrefixSharingCollator, build_collator, build_trainer, linear_cross_entropy,
-                          shifted_targets)
+                          shifted_targets, token_mask)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_prefix_sharing_gives_the_padded_loss(setup, tmp_path):
     shared = PrefixSharingCollator(tokenizer, max_row_tokens=4096)(examples)
     lengths = [len(e["input_ids"]) for e in examples]
     assert shared["input_ids"].shape[0] == 1  # all four start with the system prompt: one row
-    real = int(shared["attention_mask"].diagonal(dim1=-2, dim2=-1).sum())
+    real = int(token_mask(shared["attention_mask"]).sum())
     assert real < sum(lengths) - 3 * 40  # the system prompt (and more) is run once, not four times
     assert int((shared["shift_labels"] != IGNORE_INDEX).sum()) == int((shifted_targets(padded["labels"]) != IGNORE_INDEX).sum())
     model.eval()
@@ -204,7 +204,7 @@ def test_prefix_sharing_gives_each_examples_own_loss_and_gradients_in_float64(se
         pad_token_id = 0
 
     shared = PrefixSharingCollator(PadZero(), max_row_tokens=260)(examples)  # the budget forces more rows
-    real = int(shared["attention_mask"].diagonal(dim1=-2, dim2=-1).sum())
+    real = int(token_mask(shared["attention_mask"]).sum())
     assert shared["input_ids"].shape[0] >= 2 and real < sum(len(e["input_ids"]) for e in examples)
     model.zero_grad(set_to_none=True)
     shared_loss = lyra.compute_loss(model, dict(shared))
@@ -249,7 +249,7 @@ def test_prefix_sharing_rows_respect_the_token_budget(setup):
     longest = max(len(e["input_ids"]) for e in examples)
     separate = PrefixSharingCollator(tokenizer, max_row_tokens=longest)(examples)
     assert separate["input_ids"].shape[0] >= 2
-    assert all(int(row.sum()) <= longest for row in separate["attention_mask"].diagonal(dim1=-2, dim2=-1))
+    assert all(int(row.sum()) <= longest for row in token_mask(separate["attention_mask"]))
     padding = separate["attention_mask"][0, 0].diagonal() == 0
     assert bool(separate["attention_mask"][0, 0][padding].any(-1).all())  # padding attends to something: no NaN
 
