@@ -21,10 +21,10 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lyra.errors import UserError, exit_on_user_error
+from lyra.cli import hydra_app
+from lyra.errors import UserError
 from lyra.generation import DEFAULT_MAX_NEW_TOKENS, check_generation, context_budget, fit_prompt, stream_reply
 
 log = logging.getLogger(__name__)
@@ -176,16 +176,10 @@ def quote_text_overrides(argv: list[str], keys: Sequence[str] = TEXT_KEYS) -> li
     return quoted
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="chat")
+# stdout is the transcript; keep stderr quiet too. Ctrl-C and Ctrl-D end the session quietly.
+@hydra_app("chat", log_level=logging.WARNING, quiet_exceptions=(KeyboardInterrupt, EOFError))
 def main(cfg: DictConfig) -> None:
-    from lyra.runs import configure_cli_logging
-
-    configure_cli_logging(logging.WARNING)  # stdout is the transcript; keep stderr quiet too
-    with exit_on_user_error():
-        try:
-            chat(cfg)
-        except (KeyboardInterrupt, EOFError):
-            print(file=sys.stdout, flush=True)
+    chat(cfg)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def validate_persona(persona: DictConfig | None) -> None:
     """The persona group (conf/persona/ or the user's --config-dir): every key present, every file there."""
     from omegaconf.errors import InterpolationResolutionError
 
-    from lyra.probes import LANGUAGES
+    from lyra.persona import LANGUAGES
 
     _require(persona is not None and OmegaConf.is_dict(persona), "persona",
              "is required: persona=NAME picks conf/persona/NAME.yaml (your own: --config-dir DIR persona=NAME)")

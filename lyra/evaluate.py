@@ -20,12 +20,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lyra.errors import UserError, exit_on_user_error
+from lyra.cli import hydra_app
+from lyra.errors import UserError
 from lyra.paths import resolve_user_path
-from lyra.probes import PERSONA_METRICS, run_probes, selected_probes, validate_probes
+from lyra.persona import PERSONA_METRICS
+from lyra.probes import run_probes, selected_probes, validate_probes
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,13 @@ def eval_loss(model, dataset, tokenizer, batch_size: int) -> tuple[float, int]:
     """(mean NLL per supervised token, number of supervised tokens) over a tokenized split.
 
     Token-weighted, so it can differ slightly from the Trainer's eval_loss (a mean of batch means).
-    Uses training's collator and supervised-only logits (lyra.trainer): no full-vocabulary logits.
+    Uses training's collator and supervised-only loss (lyra.loss): no full-vocabulary logits.
     """
     import torch
 
-    from lyra.trainer import (IGNORE_INDEX, build_collator, head_sees_only, shifted_targets,
-                              supervised_cross_entropy)
+    from lyra.data.collate import build_collator
+    from lyra.data.tokenization import IGNORE_INDEX
+    from lyra.loss import shifted_targets, supervised_loss
 
     collator = build_collator(tokenizer, model, padding_free=False)
     head = model.get_output_embeddings()
@@ -52,13 +54,10 @@ def eval_loss(model, dataset, tokenizer, batch_size: int) -> tuple[float, int]:
         for start in range(0, len(dataset), batch_size):
             features = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {key: value.to(device) for key, value in collator(features).items()}
-            targets = shifted_targets(batch.pop("labels"))  # the token each position predicts
-            keep = targets != IGNORE_INDEX
-            tokens = int(keep.sum())
+            tokens = int((shifted_targets(batch["labels"]) != IGNORE_INDEX).sum())  # positions that predict
             if tokens:
-                with head_sees_only(head, keep):
-                    logits = model(**batch).logits
-                total += float(supervised_cross_entropy(logits, targets[keep], num_items_in_batch=1))  # a sum
+                loss_sum, _ = supervised_loss(model, head, batch, num_items_in_batch=1)  # a sum
+                total += float(loss_sum)
                 count += tokens
     return (total / count if count else float("nan")), count
 
@@ -174,13 +173,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@hydra_app("evaluate")
 def main(cfg: DictConfig) -> None:
-    from lyra.runs import configure_cli_logging
-
-    configure_cli_logging()
-    with exit_on_user_error():
-        evaluate(cfg)
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import lyra
-from lyra.errors import UserError, exit_on_user_error
+from lyra.cli import hydra_app
+from lyra.errors import UserError
 from lyra.paths import resolve_user_path
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,9 @@ def check_output_dir(output_dir: Path, run_dir: Path, overwrite: bool) -> None:
 def export(cfg: DictConfig) -> Path:
     """Merge and save; returns the output dir. Writes nothing but output_dir."""
     from lyra.generation import check_generation, generation_config
-    from lyra.modeling import build_model, training_device
-    from lyra.runs import (adapter_dir, apply_adapter, check_adapter_base, load_run_config, load_run_tokenizer,
-                           run_dir_path)
+    from lyra.modeling import training_device
+    from lyra.runs import (adapter_dir, check_adapter_base, load_full_precision_merged, load_run_config,
+                           load_run_tokenizer, run_dir_path)
 
     for key in ("run_dir", "output_dir"):
         if OmegaConf.is_missing(cfg, key):
@@ -131,11 +131,7 @@ def export(cfg: DictConfig) -> Path:
         gguf_target = check_gguf_export(AutoConfig.from_pretrained(model_path(run_cfg.model)), tokenizer,
                                         chat_template, cfg.gguf.type)
 
-    device = cfg.device or training_device()
-    log.info("merging %s into %s (%s, %s)", adapter_path, run_cfg.model.name_or_path, dtype, device)
-    model = build_model(run_cfg.model, None, dtype, device)  # full precision even if trained in 4-bit
-    model = apply_adapter(model, adapter_path).merge_and_unload()
-    model.config.use_cache = True  # build_model disables it for training; users generate
+    model = load_full_precision_merged(run_cfg, adapter_path, dtype, cfg.device or training_device())
     gen_config = generation_config(tokenizer, **generation)
     gen_config.bos_token_id = model.generation_config.bos_token_id
     model.generation_config = gen_config
@@ -214,13 +210,9 @@ transformers (dequantized to float32):
 """
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="export")
+@hydra_app("export")
 def main(cfg: DictConfig) -> None:
-    from lyra.runs import configure_cli_logging
-
-    configure_cli_logging()
-    with exit_on_user_error():
-        export(cfg)
+    export(cfg)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from importlib import resources
 from pathlib import Path
 
 ASSET_RESOLVER = "lyra.asset"
+# The one place that knows where the shipped configs live (inside the package, so a wheel carries them).
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def resolve_user_path(path: str | Path) -> Path:
@@ -35,3 +37,21 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver(ASSET_RESOLVER):
         OmegaConf.register_new_resolver(ASSET_RESOLVER, asset_path)
+
+
+def compose_config(config_name: str = "train", overrides: list[str] | None = None,
+                   return_hydra_config: bool = False):
+    """Compose a shipped config outside `@hydra.main` (scripts, stats, tests): the same groups and
+    defaults the CLI would use, with `overrides` as on the command line. Hydra's global state is
+    cleared before and after, so it never leaks into a later `@hydra.main` or compose."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()  # the persona files use ${lyra.asset:...}
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name=config_name, overrides=list(overrides or []),
+                           return_hydra_config=return_hydra_config)
+    finally:
+        GlobalHydra.instance().clear()

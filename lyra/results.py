@@ -104,15 +104,11 @@ def score(run: Run, metric: str) -> float | None:
     return float(value)
 
 
-# Persona metrics where less is better; every other rate (address_rate, self_name_rate, ...) is maximized.
-LOWER_IS_BETTER = ("think_leak_rate", "simplified_rate")
-
-
 def default_direction(metric: str) -> str:
     """minimize for losses, perplexity and the failure rates, maximize for the persona rates."""
-    if "loss" in metric or "perplexity" in metric or metric in LOWER_IS_BETTER:
-        return "minimize"
-    return "maximize" if metric.endswith("_rate") else "minimize"
+    from lyra.persona import metric_direction
+
+    return metric_direction(metric)
 
 
 def rank_runs(runs: list[Run], metric: str, direction: str) -> list[Run]:
@@ -134,8 +130,8 @@ def varying_keys(runs: list[Run]) -> list[str]:
 
 
 def persona_keys(runs: list[Run]) -> list[str]:
-    """The persona probe metrics (lyra.probes) that at least one run reports."""
-    from lyra.probes import PERSONA_METRICS
+    """The persona probe metrics (lyra.persona) that at least one run reports."""
+    from lyra.persona import PERSONA_METRICS
 
     return [key for key in PERSONA_METRICS if any(isinstance(run.metrics.get(key), (int, float)) for run in runs)]
 

@@ -32,7 +32,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lyra.errors import UserError
-from lyra.paths import resolve_user_path
+from lyra.paths import CONF_DIR, resolve_user_path
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +88,6 @@ class LoadedRun:
                 parameters[name].data = weight
 
 
-def configure_cli_logging(level: int = logging.INFO) -> None:
-    """Log lyra's messages to stderr (stdout carries the command's output); silence library chatter.
-
-    The lyra apps run with Hydra's job logging off so they never write log files into the cwd.
-    """
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations are not the user's concern
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("lyra").setLevel(level)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-
-
 def run_dir_path(run_dir: str | Path | None) -> Path:
     """The run dir as an absolute path (relative to the launch dir); one clear line if it is not one."""
     if run_dir is None or str(run_dir) in ("", "???"):
@@ -136,7 +120,7 @@ def launch_dir(run_dir: Path) -> Path | None:
 
 def default_persona() -> DictConfig:
     """The shipped default persona (conf/persona/<DEFAULT_PERSONA>.yaml), resolved."""
-    path = Path(__file__).parent / "conf" / "persona" / f"{DEFAULT_PERSONA}.yaml"
+    path = CONF_DIR / "persona" / f"{DEFAULT_PERSONA}.yaml"
     return OmegaConf.create(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
 
 
@@ -209,12 +193,14 @@ def load_run_tokenizer(run_dir: Path, adapter_path: Path | None, model_cfg: Dict
     return build_tokenizer(model_cfg)
 
 
-def build_run_base(cfg: DictConfig, device: str | None = None, quantized: bool = True):
-    """The run's base model as trained (4-bit when it was, unless quantized=False), in eval mode."""
+def build_run_base(cfg: DictConfig, device: str | None = None, quantized: bool = True, dtype=None):
+    """The run's base model as trained (4-bit when it was, unless quantized=False), in eval mode.
+
+    dtype: the weights' dtype (None = the run's model.dtype)."""
     from lyra.config import bitsandbytes_problem
     from lyra.modeling import build_model, build_quantization, resolve_dtype
 
-    dtype = resolve_dtype(cfg.model.dtype)
+    dtype = dtype or resolve_dtype(cfg.model.dtype)
     quantization_config = build_quantization(cfg.quantization, dtype) if quantized else None
     if quantization_config is not None:
         problem = bitsandbytes_problem()
@@ -250,6 +236,14 @@ def merge_for_inference(model) -> tuple[Any, dict[str, Any]]:
     base_weights = {name.removeprefix(prefix) + ".weight": module.get_base_layer().weight.data.clone()
                     for name, module in model.named_modules() if isinstance(module, LoraLayer)}
     return model.merge_and_unload().eval(), base_weights
+
+
+def load_full_precision_merged(cfg: DictConfig, adapter_path: Path, dtype, device: str | None = None):
+    """The run's base in full precision (`dtype`, even if it trained in 4-bit) with the adapter merged
+    into its weights: what `lyra.export` ships. No copy of the replaced base weights is kept."""
+    log.info("merging %s into %s (%s, %s)", adapter_path, cfg.model.name_or_path, dtype, device)
+    model = build_run_base(cfg, device, quantized=False, dtype=dtype)
+    return apply_adapter(model, adapter_path).merge_and_unload().eval()
 
 
 def load_run(run_dir: str | Path, adapter: str = DEFAULT_ADAPTER, device: str | None = None,

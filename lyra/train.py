@@ -80,7 +80,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lyra.checkpointing import guard_training, keep_adapter_after_training, resolve_resume, save_adapter
     from lyra.probes import PersonaProbeCallback
     from lyra.tracking import WandbLogCallback, closed_on_failure, finish_run, start_run
-    from lyra.trainer import SHARED_ROW_LENGTHS, build_trainer
+    from lyra.data.collate import SHARED_ROW_LENGTHS
+    from lyra.trainer import build_trainer
 
     run_dir = Path(cfg.paths.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +113,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with closed_on_failure(wandb_run):  # a job that raises leaves no run open (sweeps go on in-process)
         # persona probes at evaluations, counted in the persona's words; eval=none: a no-op
         probes = PersonaProbeCallback(cfg.get("eval"), cfg.persona, cfg.data.system_prompt, wandb_run)
-        # supervised-only logits + shared prompt prefixes / dynamic padding / padding-free (lyra.trainer)
+        # supervised-only logits + shared prompt prefixes / dynamic padding / padding-free (lyra.trainer, lyra.loss, lyra.data.collate)
         trainer = build_trainer(model, args, tokenizer, splits.train, splits.eval, cfg.data.padding_free,
                                 prefix_sharing=cfg.data.get("prefix_sharing", False),
                                 max_row_tokens=SHARED_ROW_LENGTHS * cfg.data.max_length,

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lyra.errors import UserError, exit_on_user_error
+from lyra.cli import hydra_app
+from lyra.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +205,12 @@ class WebChat:
         Generation runs in a worker thread that holds the model lock for the whole reply; closing
         this generator (Stop, Reset) stops that worker at its next token.
         """
-        from lyra.generation import context_budget, fit_prompt, stream_reply
+        from lyra.generation import DEFAULT_MAX_NEW_TOKENS, context_budget, fit_prompt, stream_reply
 
         message = self.check_message(message)
         settings = self.settings(**generation)
         model, tokenizer, system_prompt = self.run.model, self.run.tokenizer, self.run.system_prompt
-        budget = context_budget(model, settings.get("max_new_tokens") or 256, self.limits.max_prompt_tokens)
+        budget = context_budget(model, settings.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS, self.limits.max_prompt_tokens)
         fitted = fit_prompt(message, tokenizer, plain_history(history), system_prompt, budget)
         if notify and (fitted.dropped_messages or fitted.cut):
             notify(f"Over {budget} prompt tokens (max_prompt_tokens): " + (
@@ -248,6 +248,8 @@ def shown_on_page(gr) -> Iterator[None]:
 
 def build_page(chat: WebChat, title: str, gr):
     """The Gradio Blocks page; queue it and launch it (see `serve`)."""
+    from lyra.generation import DEFAULT_MAX_NEW_TOKENS
+
     run, limits = chat.run, chat.limits
     defaults = chat.settings()
     greedy = not defaults.get("do_sample", True) or defaults.get("temperature") == 0
@@ -277,7 +279,7 @@ def build_page(chat: WebChat, title: str, gr):
                 top_p = gr.Slider(0.05, 1, value=defaults.get("top_p") or 1.0, step=0.05, label="top_p",
                                   info="nucleus sampling: drops the unlikely tail")
                 max_new_tokens = gr.Slider(1, limits.max_new_tokens_limit, step=1, label="max_new_tokens",
-                                           value=min(defaults.get("max_new_tokens") or 256,
+                                           value=min(defaults.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS,
                                                      limits.max_new_tokens_limit),
                                            info="reply length cap: longer answers vs. waiting")
             compare = gr.Checkbox(value=False, interactive=chat.has_adapter, elem_id="lyra-compare",
@@ -351,13 +353,9 @@ def serve(cfg: DictConfig) -> None:
                 show_error=True, mcp_server=False)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="web")
+@hydra_app("web")
 def main(cfg: DictConfig) -> None:
-    from lyra.runs import configure_cli_logging
-
-    configure_cli_logging(logging.INFO)
-    with exit_on_user_error():
-        serve(cfg)
+    serve(cfg)
 
 
 if __name__ == "__main__":

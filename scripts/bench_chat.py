@@ -74,10 +74,9 @@ def load_variants(args):
 
     from lyra.modeling import build_model, build_tokenizer
 
-    from hydra import compose, initialize_config_dir
+    from lyra.paths import compose_config
 
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "lyra" / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["model=smollm2_135m", "lora=attn", "lora.r=16"])
+    cfg = compose_config("train", ["model=smollm2_135m", "lora=attn", "lora.r=16"])
     tokenizer = build_tokenizer(cfg.model)
     adapter_dir = None
     if args.run_dir:
@@ -119,7 +118,7 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from lyra.chat import build_prompt_ids, generate_replies
+    from lyra.generation import build_prompt_ids, generate_replies
 
     bandwidth = copy_bandwidth()
     variants, tokenizer = load_variants(args)

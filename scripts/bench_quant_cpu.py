@@ -34,19 +34,19 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from hydra import compose, initialize_config_dir
     from transformers.utils import logging as hf_logging
 
     from lyra.data import load_conversations
     from lyra.data.tokenization import encode_conversations
+    from lyra.paths import compose_config
     from lyra.modeling import apply_lora, build_model, build_quantization, build_tokenizer, resolve_dtype
-    from lyra.trainer import IGNORE_INDEX, build_collator, head_sees_only, shifted_targets, supervised_cross_entropy
+    from lyra.data.collate import build_collator
+    from lyra.data.tokenization import IGNORE_INDEX
+    from lyra.loss import head_sees_only, shifted_targets, supervised_cross_entropy
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "lyra" / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={args.model}", "lora=attn", "lora.r=16",
-                                                      "quantization=nf4"])
+    cfg = compose_config("train", [f"model={args.model}", "lora=attn", "lora.r=16", "quantization=nf4"])
     tokenizer = build_tokenizer(cfg.model)
     examples, _ = encode_conversations(load_conversations(args.data), tokenizer, 512, None)
     dtype = resolve_dtype(cfg.model.dtype)

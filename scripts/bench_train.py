@@ -96,7 +96,9 @@ def quantization_for(args) -> str:
 def model_overrides(model: str) -> list[str]:
     option = MODEL_CONFIG_OPTION.get(model)
     if option is not None:
-        if not (REPO_ROOT / "lyra" / "conf" / "model" / f"{option}.yaml").is_file():
+        from lyra.paths import CONF_DIR
+
+        if not (CONF_DIR / "model" / f"{option}.yaml").is_file():
             raise SystemExit(f"bench_train: --model {model} needs lyra/conf/model/{option}.yaml (model={option}), "
                              f"which this checkout does not have yet")
         return [f"model={option}"] + ([f"persona={MODEL_PERSONA[model]}"] if model in MODEL_PERSONA else [])
@@ -109,8 +111,7 @@ def model_overrides(model: str) -> list[str]:
 
 def compose_config(args, output_dir: str):
     """The same Hydra composition `python -m lyra.train` would use, for the benchmark's model."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from lyra.paths import compose_config as compose_train
 
     overrides = [
         *model_overrides(args.model), f"quantization={quantization_for(args)}", "lora=default", "logger=none",
@@ -120,12 +121,7 @@ def compose_config(args, output_dir: str):
         "trainer.logging_steps=1000000", "trainer.warmup_steps=0", "trainer.dataloader_num_workers=0",
         "trainer.train_sampling_strategy=group_by_length",  # lyra's default, and the hf peer's
     ]
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(REPO_ROOT / "lyra" / "conf"), version_base="1.3"):
-            return compose(config_name="train", overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
+    return compose_train("train", overrides)
 
 
 def load_pipeline_inputs(cfg, with_model: bool = True):
@@ -244,7 +240,8 @@ def measured(trainer_cls):
     import torch
     from transformers import TrainerCallback
 
-    from lyra.trainer import IGNORE_INDEX, shifted_targets, token_mask
+    from lyra.data.tokenization import IGNORE_INDEX
+    from lyra.loss import shifted_targets, token_mask
 
     class StepClock(TrainerCallback):
         """Wall seconds per step, and this process's CPU seconds (all threads): on a shared machine the
@@ -357,7 +354,7 @@ def training_kwargs(cfg, run_dir: str, dtype) -> dict:
 
 def completion_masked(dataset):
     """lyra's examples as TRL's pre-tokenized prompt-completion rows: input_ids + completion_mask."""
-    from lyra.trainer import IGNORE_INDEX
+    from lyra.data.tokenization import IGNORE_INDEX
 
     return dataset.map(lambda e: {"completion_mask": [int(label != IGNORE_INDEX) for label in e["labels"]]},
                        remove_columns=["labels", "attention_mask"])
@@ -378,7 +375,9 @@ def in_process_trainer(args, cfg, run_dir):
     """baseline / hf / trl / lyra: model and data built here, identically for each."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from lyra.trainer import IGNORE_INDEX, SHARED_ROW_LENGTHS, SupervisedLogitsTrainer, build_trainer
+    from lyra.data.collate import SHARED_ROW_LENGTHS
+    from lyra.data.tokenization import IGNORE_INDEX
+    from lyra.trainer import SupervisedLogitsTrainer, build_trainer
 
     tokenizer, dataset, dtype, model = load_pipeline_inputs(cfg)
     if args.variant == "trl":

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "lyra" / "conf"
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -30,19 +29,9 @@ def compose(overrides: list[str], config_name: str = "train", return_hydra_confi
 
     return_hydra_config=True keeps the `hydra` node (sweeper, launcher, callbacks) for inspection.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from lyra.paths import compose_config
 
-    import lyra  # noqa: F401  registers ${lyra.asset:...}, which the persona files use
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=overrides,
-                                 return_hydra_config=return_hydra_config)
-    finally:
-        GlobalHydra.instance().clear()
+    return compose_config(config_name, overrides, return_hydra_config=return_hydra_config)
 
 
 def smoke_overrides(output_dir: Path, *extra: str) -> list[str]:

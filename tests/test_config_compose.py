@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, compose
+from conftest import compose
+
+from lyra.paths import CONF_DIR
 
 GROUPS = ["model", "quantization", "lora", "persona", "data", "trainer", "logger", "experiment"]
 

@@ -77,4 +77,4 @@ def test_stats_command_reports_the_embedded_eval_split(capsys):
     assert out.startswith("lyra_eval.jsonl (embedded default-persona corpus, eval split)\n")
     assert f"conversations            {len(conversations)}\n" in out
     assert "  over max_length=150     " in out and "whole trailing assistant turn(s), never cutting inside a reply" in out
-    assert training_defaults()[0] == 1024  # the default matches conf/data/lyra.yaml
+    assert training_defaults()[0] == 1024  # the default matches conf/data/jsonl.yaml (data=persona extends it)

@@ -84,3 +84,45 @@ def test_4bit_on_cpu_warns_once_for_non_tiny_models(monkeypatch, caplog):
         "training Qwen/Qwen3-0.6B (440M non-embedding params) in 4-bit on CPU: the NF4 backward dominates. "
         "Measured on 2 cores with Qwen3-0.6B, one 128-token LoRA step takes ~470 s in 4-bit vs ~14 s in fp32. "
         "`quantization=none` trains in fp32 (more memory, much faster here); keeping 4-bit as configured."]
+
+
+# ---------------------------------------------------------------- k-bit preparation
+
+def kbit_precision_problems(model) -> list[str]:
+    """Norms, embeddings and head of a prepared 4-bit model must train in fp32 (prepare_model_for_kbit_training):
+    in bf16 their updates round away. Returns what is not fp32."""
+    problems = []
+    for name, parameter in model.named_parameters():
+        kind = ("norm" in name and "norm") or ("embed_tokens" in name and "embeddings") or ("lm_head" in name and "head")
+        if kind and "lora_" not in name and parameter.dtype != torch.float32:
+            problems.append(f"{kind} {name} is {parameter.dtype}")
+    return problems
+
+
+def build_bf16_4bit_lora(tmp_path):
+    from conftest import compose
+
+    from lyra.modeling import apply_lora, build_model
+
+    cfg = compose(["experiment=smoke", "logger=none", f"paths.output_dir={tmp_path}", "model.dtype=bfloat16",
+                   "quantization.bnb_4bit_compute_dtype=bfloat16"])
+    model = build_model(cfg.model, build_quantization(cfg.quantization, torch.bfloat16), torch.bfloat16)
+    assert getattr(model, "is_loaded_in_4bit", False)
+    assert any(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "norm" in n)  # loaded in bf16
+    return apply_lora(model, cfg.lora)
+
+
+def test_apply_lora_prepares_a_4bit_model_with_fp32_norms_embeddings_and_head(tmp_path):
+    model = build_bf16_4bit_lora(tmp_path)
+    names = [name for name, _ in model.named_parameters()]
+    assert any("norm" in n for n in names) and any("embed_tokens" in n for n in names)
+    assert kbit_precision_problems(model) == []
+
+
+def test_the_kbit_check_fails_when_the_preparation_is_skipped(tmp_path, monkeypatch):
+    """The check above is not vacuous: without prepare_model_for_kbit_training it finds bf16 weights."""
+    import peft
+
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", lambda model, **kwargs: model)
+    problems = kbit_precision_problems(build_bf16_4bit_lora(tmp_path))
+    assert any(p.startswith("norm ") for p in problems) and any(p.startswith("embeddings ") for p in problems)

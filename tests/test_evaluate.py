@@ -11,7 +11,8 @@ from conftest import compose
 from lyra.errors import UserError
 from lyra.evaluate import evaluate
 from lyra.generation import Reply
-from lyra.probes import PERSONA_METRICS, PersonaProbeCallback, load_probes, persona_metrics, validate_probes
+from lyra.persona import PERSONA_METRICS, persona_metrics
+from lyra.probes import PersonaProbeCallback, load_probes, validate_probes
 
 ZH_PERSONA = {"name": "萊拉", "user_address": "主人", "language": "zh-TW"}
 

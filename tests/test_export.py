@@ -15,7 +15,7 @@ import torch
 from conftest import compose, smoke_overrides
 from lyra.generation import build_prompt_ids
 from lyra.errors import UserError
-from lyra.probes import PERSONA_METRICS
+from lyra.persona import PERSONA_METRICS
 from lyra.export import export
 
 # fp32 on CPU: merging reorders W x + s B A x into (W + s B A) x, a few ulps of difference

@@ -18,7 +18,9 @@ def gpu_setup(tmp_path_factory):
 def test_fused_loss_equals_full_logits_loss_on_gpu(gpu_setup, tmp_path):
     from transformers import TrainingArguments
 
-    from lyra.trainer import IGNORE_INDEX, build_trainer, shifted_targets
+    from lyra.data.tokenization import IGNORE_INDEX
+    from lyra.loss import shifted_targets
+    from lyra.trainer import build_trainer
 
     cfg, tokenizer, splits, model, dtype = gpu_setup
     assert dtype in (torch.bfloat16, torch.float16) and model.device.type == "cuda"
@@ -38,7 +40,8 @@ def test_fused_loss_equals_full_logits_loss_on_gpu(gpu_setup, tmp_path):
 def test_padding_free_equals_padded_on_gpu(gpu_setup, tmp_path):
     from transformers import DataCollatorWithFlattening, TrainingArguments
 
-    from lyra.trainer import IGNORE_INDEX, build_trainer
+    from lyra.data.tokenization import IGNORE_INDEX
+    from lyra.trainer import build_trainer
 
     cfg, tokenizer, splits, model, dtype = gpu_setup
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", bf16=dtype == torch.bfloat16,

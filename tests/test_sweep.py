@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from lyra import compare
 from lyra.errors import UserError
-from lyra.probes import PERSONA_METRICS
+from lyra.persona import PERSONA_METRICS
 from lyra.sweep import check_objective, objective_value, swept_keys, worst_value
 from lyra.tracking import run_name
 

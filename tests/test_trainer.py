@@ -1,4 +1,4 @@
-"""lyra.trainer: the supervised-only loss is the standard masked loss (also across gradient
+"""lyra.trainer, lyra.loss, lyra.data.collate: the supervised-only loss is the standard masked loss (also across gradient
 accumulation and in eval), and the collators pad, group and flatten as promised."""
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Tra
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lyra.errors import UserError
-from lyra.trainer import (IGNORE_INDEX, PrefixSharingCollator, build_collator, build_trainer, linear_cross_entropy,
-                          shifted_targets, token_mask)
+from lyra.data.collate import PrefixSharingCollator, build_collator
+from lyra.data.tokenization import IGNORE_INDEX
+from lyra.loss import linear_cross_entropy, shifted_targets, token_mask
+from lyra.trainer import build_trainer
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +270,7 @@ def test_prefix_sharing_eval_loss_equals_stock(setup, tmp_path):
 def test_prefix_sharing_falls_back_without_sdpa(setup, caplog, monkeypatch):
     cfg, tokenizer, splits, model = setup
     monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2", raising=False)
-    with caplog.at_level(logging.WARNING, logger="lyra.trainer"):
+    with caplog.at_level(logging.WARNING, logger="lyra.data.collate"):
         collator = build_collator(tokenizer, model, padding_free=False, prefix_sharing=True)
     assert isinstance(collator, DataCollatorForSeq2Seq)
     assert ("data.prefix_sharing=true is not available: it needs attn_implementation sdpa (a boolean tree mask), "
@@ -279,7 +281,7 @@ def test_padding_free_falls_back_without_a_packed_sequence_attention(setup, capl
     cfg, tokenizer, splits, model = setup
     assert isinstance(build_collator(tokenizer, model, padding_free=True), DataCollatorWithFlattening)  # sdpa
     monkeypatch.setattr(model.config, "_attn_implementation", "paged|sdpa", raising=False)
-    with caplog.at_level(logging.WARNING, logger="lyra.trainer"):
+    with caplog.at_level(logging.WARNING, logger="lyra.data.collate"):
         collator = build_collator(tokenizer, model, padding_free=True)
     assert isinstance(collator, DataCollatorForSeq2Seq)
     assert ("data.padding_free=true is not available: attention 'paged|sdpa' neither has a variable-length kernel "

@@ -25,22 +25,15 @@ from lyra.data.prepare import Prepared, encode_all
 from lyra.data.tokenization import encode_turn, supervised_prefixes
 from lyra.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def training_defaults() -> tuple[int, str | None]:
     """(max_length, system_prompt) of a default training run, composed by Hydra like `lyra.train`."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from lyra.paths import CONF_DIR, compose_config
 
     if not (CONF_DIR / "train.yaml").is_file():
         raise UserError("--max-length", f"{CONF_DIR} not found; pass --max-length and --system-prompt")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            data = compose(config_name="train").data
-    finally:
-        GlobalHydra.instance().clear()
+    data = compose_config("train").data
     return int(data.max_length), data.system_prompt
 
 

@@ -32,13 +32,14 @@ from pathlib import Path
 
 from lyra.data.formats import ROLES, Conversation, Problem, decode_text, format_problems
 from lyra.errors import UserError
+from lyra.paths import CONF_DIR
 
 DEFAULT_LABELS = {
     "system": "system", "系統": "system",
     "user": "user", "使用者": "user", "您": "user",
     "assistant": "assistant", "模型": "assistant",
 }
-PERSONA_DIR = Path(__file__).resolve().parents[1] / "conf" / "persona"
+PERSONA_DIR = CONF_DIR / "persona"
 
 
 @functools.cache
