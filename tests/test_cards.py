@@ -444,36 +444,55 @@ def _seed_fields(persona_file: Path, cwd: Path) -> dict:
             "language": persona.language, "seed": [turns(r) for r in seed(cwd / persona.train_file)]}
 
 
-@pytest.mark.slow
-def test_printed_command_trains_and_the_card_export_round_trips(tmp_path):
-    (tmp_path / "Yusra.png").write_bytes(png_bytes({"chara": fixture("v2_tavern.json")}))
-    imported = _run([sys.executable, "-m", "lyra.persona", "import", "Yusra.png", "--out", "my_conf",
-                     "--user-address", "Traveller"], tmp_path)
-    assert imported.returncode == 0, imported.stderr
-    command = next(line.split("#")[0].strip() for line in imported.stdout.splitlines()
-                   if "experiment=smoke" in line)
-    assert command == "python -m lyra.train --config-dir my_conf persona=yusra experiment=smoke"
-    run_dir = tmp_path / "run"
-    # as printed; the extras only keep the test short and its output in tmp
-    args = shlex.split(command)
-    trained = _run([sys.executable, *args[1:], f"hydra.run.dir={run_dir}", "trainer.max_steps=2", "logger=none"],
-                   tmp_path)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+def _docs_commands() -> list[str]:
+    """The three commands of docs/cards.md's "From a character card to a trained persona"."""
+    text = (REPO_ROOT / "docs" / "cards.md").read_text(encoding="utf-8")
+    section = text.split("## From a character card to a trained persona", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
 
-    exported = _run([sys.executable, "-m", "lyra.export", f"run_dir={run_dir}", "output_dir=card", "format=card"],
+
+def test_example_card_png_holds_the_json():
+    png, js = read_card(REPO_ROOT / "examples" / "cards" / "wren.png"), read_card(REPO_ROOT / "examples" / "cards" / "wren.json")
+    assert png.name == js.name == "Wren" and png.system_prompt == js.system_prompt and png.mes_example == js.mes_example
+    assert png.book == js.book and png.first_mes == js.first_mes
+
+
+@pytest.mark.slow
+def test_docs_commands_and_printed_command_train_and_the_card_export_round_trips(tmp_path):
+    import shutil
+
+    (tmp_path / "examples" / "cards").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "examples" / "cards" / "wren.png", tmp_path / "examples" / "cards" / "wren.png")
+    import_cmd, train_cmd, chat_cmd = _docs_commands()
+    assert import_cmd.startswith("python -m lyra.persona import examples/cards/wren.png --out my_conf")
+    imported = _run([sys.executable, *shlex.split(import_cmd)[1:]], tmp_path)
+    assert imported.returncode == 0, imported.stderr
+    printed = next(line.split("#")[0].strip() for line in imported.stdout.splitlines() if "experiment=smoke" in line)
+    assert printed == "python -m lyra.train --config-dir my_conf persona=wren experiment=smoke"
+    assert train_cmd.startswith(printed.removesuffix(" experiment=smoke"))
+    # the printed command, with the docs' run dir; the last extras only keep the test short
+    trained = _run([sys.executable, *shlex.split(printed)[1:], "hydra.run.dir=runs/wren", "trainer.max_steps=2",
+                    "logger=none"], tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (tmp_path / "runs" / "wren" / "adapter" / "adapter_config.json").is_file()
+    chatted = _run([sys.executable, *shlex.split(chat_cmd)[1:], "prompt=Hello", "generation.max_new_tokens=4"],
+                   tmp_path)
+    assert chatted.returncode == 0, chatted.stderr[-3000:]
+
+    exported = _run([sys.executable, "-m", "lyra.export", "run_dir=runs/wren", "output_dir=card", "format=card"],
                     tmp_path)
     assert exported.returncode == 0, exported.stderr
-    assert sorted(p.name for p in (tmp_path / "card").iterdir()) == ["yusra.json", "yusra.png"]
-    again = _run([sys.executable, "-m", "lyra.persona", "import", "card/yusra.png", "--out", "again"], tmp_path)
+    assert sorted(p.name for p in (tmp_path / "card").iterdir()) == ["wren.json", "wren.png"]
+    again = _run([sys.executable, "-m", "lyra.persona", "import", "card/wren.png", "--out", "again"], tmp_path)
     assert again.returncode == 0, again.stderr
-    first = _seed_fields(tmp_path / "my_conf" / "persona" / "yusra.yaml", tmp_path)
-    second = _seed_fields(tmp_path / "again" / "persona" / "yusra.yaml", tmp_path)
+    first = _seed_fields(tmp_path / "my_conf" / "persona" / "wren.yaml", tmp_path)
+    second = _seed_fields(tmp_path / "again" / "persona" / "wren.yaml", tmp_path)
     assert second == first  # name, prompt, address, language, greetings and examples: the same persona
-    assert first["user_address"] == "Traveller" and len(first["seed"]) == 4
-    again_meta = OmegaConf.load(tmp_path / "again" / "persona" / "yusra.yaml").card
-    assert again_meta.lorebook[0].keys == ["harbour", "docks"]
-    assert again_meta.post_history_instructions == "Stay in character as {{char}}."
+    assert first["user_address"] == "Traveller" and len(first["seed"]) == 2 + 3
+    meta = OmegaConf.load(tmp_path / "again" / "persona" / "wren.yaml").card
+    assert list(meta.lorebook[0]["keys"]) == ["Morag", "supply boat"]
+    assert meta.creator_notes.startswith("An original character made for lyra's documentation")
 
 
 def test_export_card_of_the_smoke_run_round_trips(smoke_run, tmp_path):

@@ -73,8 +73,8 @@ MAX_CHARX_BYTES = 256 * 2**20  # a CHARX on disk: it may carry images and audio,
 MAX_CHARX_MEMBERS = 2000  # entries in the zip's directory
 MAX_CHARX_UNCOMPRESSED = 1024 * 2**20  # the declared total of all members, the classic zip-bomb sign
 MAX_FIELD_CHARS = 200_000  # one text field (~50k tokens, far beyond what a small model's context holds)
-MAX_LIST_ITEMS = 2000
-MAX_YAML_FLOW_DEPTH = 64  # [ and { nesting a YAML card may have (pure-Python PyYAML only)  # alternate greetings, tags, lorebook entries and their keys
+MAX_LIST_ITEMS = 2000  # alternate greetings, tags, lorebook entries and their keys
+MAX_YAML_FLOW_DEPTH = 64  # [ and { nesting a YAML card may have (pure-Python PyYAML only)
 
 CARD_KEY = "card"  # the UserError key of every problem with the card file
 CHAR_MACROS = re.compile(r"\{\{\s*char\s*\}\}|<bot>|<char>", re.IGNORECASE)
@@ -460,6 +460,10 @@ def _card_from_v2(data: dict, source: str, version: str) -> Card:
     return card
 
 
+def _entries(count: int) -> str:
+    return "entry" if count == 1 else "entries"
+
+
 def _book(book: Any, notes: list[str]) -> list[BookEntry]:
     if book is None:
         return []
@@ -489,9 +493,10 @@ def _book(book: Any, notes: list[str]) -> list[BookEntry]:
             keys=_text_list(entry, "keys", where, notes), content=content,
             constant=entry.get("constant") is True, enabled=entry.get("enabled", True) is not False,
             insertion_order=order if isinstance(order, (int, float)) and not isinstance(order, bool) else index,
-            before_char=position in ("before_char", 0), name=_text(entry, "name", where) or _text(entry, "comment", where)))
+            before_char=position in ("before_char", 0),
+            name=_text(entry, "name", where) or _text(entry, "comment", where)))
     if skipped:
-        notes.append(f"lorebook: {skipped} entr(ies) without text content skipped")
+        notes.append(f"lorebook: {skipped} entries without text content skipped")
     return result
 
 
@@ -576,7 +581,7 @@ def compile_system_prompt(card: Card, user: str) -> tuple[str, list[str]]:
                      "a frontend's insertion, not the text)")
     prompt = expand("\n\n".join(part for part in cleaned if part), card.char_name, user)
     if constant:
-        notes.append(f"lorebook: {len(constant)} constant entr(ies) put into the system prompt")
+        notes.append(f"lorebook: {len(constant)} constant {_entries(len(constant))} put into the system prompt")
     return prompt, notes
 
 
@@ -707,7 +712,7 @@ def plan_persona(card: Card, *, user_address: str | None = None, language: str |
                  **({"enabled": False} if not entry.enabled else {})}
                 for entry in sorted(card.book, key=lambda e: e.insertion_order) if not entry.constant]
     if lorebook:
-        notes.append(f"lorebook: {len(lorebook)} keyword entr(ies) listed in the persona file's card.lorebook, not "
+        notes.append(f"lorebook: {len(lorebook)} keyword {_entries(len(lorebook))} listed in the persona file's card.lorebook, not "
                      "in the prompt (lyra's prompt is fixed; nothing scans the chat for keys)")
     metadata = {"source": card.source,
                 **{key: value for key in ("creator_notes", "post_history_instructions", "creator",
@@ -736,7 +741,9 @@ def split_chats(conversations: list, eval_share: float, seed: int) -> tuple[list
     records = [{"id": c.id, "messages": c.messages, **({"tools": c.tools} if c.tools else {})} for c in conversations]
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    n_eval = 0 if len(records) < 2 or eval_share == 0 else min(len(records) - 1, max(1, round(eval_share * len(records))))
+    n_eval = 0
+    if len(records) >= 2 and eval_share > 0:
+        n_eval = min(len(records) - 1, max(1, round(eval_share * len(records))))
     held = set(order[:n_eval])
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
@@ -810,10 +817,10 @@ def persona_yaml(plan: PersonaPlan, files: dict[str, str | None]) -> str:
         f"user_address: {_scalar(p['user_address'])}  # what {{{{user}}}} became; address_rate counts it in replies",
         f"system_prompt: {_scalar(p['system_prompt'])}  # compiled from the card (docs/cards.md: the order); used "
         "when a conversation has none, and by chat, web, evaluate and export",
-        f"language: {p['language']}  # persona metrics' language_rate: en = English replies, zh-TW = Traditional Chinese",
-        f"train_file: {_scalar(files['train_file'])}  # the card's greetings and examples (+ your --chats' train share)",
-        f"eval_file: {_scalar(files['eval_file'])}  # held-out --chats conversations for eval_loss; null = no eval split",
-        f"probes_file: {_scalar(files['probes_file'])}  # {{\"id\", \"prompt\"}} lines the persona metrics are measured on",
+        f"language: {p['language']}  # language_rate: en = English replies, zh-TW = Traditional Chinese",
+        f"train_file: {_scalar(files['train_file'])}  # the card's greetings and examples (+ --chats' train share)",
+        f"eval_file: {_scalar(files['eval_file'])}  # held-out --chats conversations; null = no eval split",
+        f"probes_file: {_scalar(files['probes_file'])}  # {{\"id\", \"prompt\"}} lines the persona metrics use",
         f"user_label: {_scalar(p['user_label'])}  # chat transcript label of your lines",
         f"bot_label: {_scalar(p['bot_label'])}  # chat transcript label of the character's replies",
         "# The card's own metadata: not used in training; `python -m lyra.export format=card` writes it back.",
