@@ -45,7 +45,7 @@ def load_split(split: str) -> list[Conversation]:
 
 
 def load_probes() -> list[str]:
-    """The embedded persona probes (`{"id", "prompt"}` per line), prompts only."""
+    """The embedded persona probes (`{"id", "prompt", "checks"}` per line), prompts only."""
     lines = corpus_file("probes").read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["prompt"] for line in lines if line.strip()]
 
