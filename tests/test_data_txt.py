@@ -62,7 +62,7 @@ def test_every_label_colon_comment_and_id(tmp_path):
                        "USER：hi\r\n"
                        "Assistant:\r\n"
                        "第一行\r\n"
-                       "注意：這行不是標籤\r\n"
+                       "  注意：這行不是標籤（縮排：接續上一句）\r\n"
                        "\r\n"
                        "user: 你是誰\r\n"
                        "萊拉：萊拉是女僕助理。\r\n".encode())
@@ -73,7 +73,7 @@ def test_every_label_colon_comment_and_id(tmp_path):
                                              {"from": "assistant", "value": "主人早安！"}]},
         {"id": "labels-0002", "conversations": [{"from": "system", "value": "be kind"},
                                                 {"from": "user", "value": "hi"},
-                                                {"from": "assistant", "value": "第一行\n注意：這行不是標籤"}]},
+                                                {"from": "assistant", "value": "第一行\n  注意：這行不是標籤（縮排：接續上一句）"}]},
         {"id": "labels-0003", "conversations": [{"from": "user", "value": "你是誰"},
                                                 {"from": "assistant", "value": "萊拉是女僕助理。"}]},
     ]

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from lyra.data import corpus_file
-from lyra.data.formats import format_problems
+from lyra.data.records import format_problems
 from lyra.data.txt import convert_txt_to_jsonl, parse_label_options
 from lyra.errors import UserError, exit_on_user_error
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from lyra.data.formats import Conversation, FileReport
+from lyra.data.records import Conversation, FileReport
 from lyra.data.prepare import Prepared, encode_all
 from lyra.data.tokenization import encode_turn, supervised_prefixes
 from lyra.errors import UserError
