@@ -157,9 +157,9 @@ def test_on_invalid_error_lists_at_most_20_kinds_of_problem(tmp_path):
     with pytest.raises(UserError) as raised:
         load_conversations(path, key="data.train_file")
     lines = raised.value.message.splitlines()
-    assert len(lines) == 1 + MAX_REPORTED_PROBLEMS + 1
+    assert len(lines) == 1 + MAX_REPORTED_PROBLEMS
     assert lines[1].endswith("(the same on 2 records: lines 2, 27)")
-    assert lines[-1].startswith("... and 10 more problem(s) of 5 other kind(s)")
+    assert lines[-1].startswith("... and 12 more problem(s) of 6 other kind(s)")
 
 
 def test_on_invalid_skip_keeps_the_rest_and_reports_the_count(tmp_path, caplog):

@@ -147,7 +147,7 @@ def format_group(group: list[Problem]) -> str:
 def format_problems(problems: list[Problem], limit: int | None = MAX_REPORTED_PROBLEMS) -> str:
     """Problems as `FILE:LINE: message` lines, repeated ones grouped, at most `limit` lines (None: all groups)."""
     groups = group_problems(problems)
-    shown = groups if limit is None else groups[:limit]
+    shown = groups if limit is None or len(groups) <= limit else groups[:limit - 1]  # the summary is line `limit`
     lines = [format_group(group) for group in shown]
     if len(groups) > len(shown):
         hidden = sum(len(group) for group in groups[len(shown):])

@@ -24,7 +24,7 @@ from lyra.data.records import Conversation, RecordError, type_name
 
 # Order matters where shapes share a key: PIPPA and speaker dialogues before Firefly ("conversation").
 RECORD_DIALECTS: list[Dialect] = [*chat.DIALECTS, *roleplay.DIALECTS, chat.FIREFLY]
-CHAT_FAMILY = {dialect.name for dialect in (*chat.DIALECTS, chat.FIREFLY)}  # their errors predate the prefix
+CHAT_FAMILY = {dialect.name for dialect in chat.DIALECTS}  # their errors name their keys ("conversations", ...)
 
 __all__ = ["RECORD_DIALECTS", "Dialect", "ReadContext", "normalize_record", "closest_format"]
 

@@ -52,13 +52,14 @@ def read(records: list[tuple[int, Any]], parse_problems: list[Problem], path, co
     kept: list[tuple[int, dict]] = []
     for line, message in body:
         if not is_message(message):
-            problems.append(Problem(path, line, 'not a SillyTavern message: expected {"name", "is_user", "is_system", '
-                                                f'"mes", ...}}, got {type_name(message)}'
+            problems.append(Problem(path, line, 'SillyTavern chat: not a message: expected {"name", "is_user", '
+                                                f'"is_system", "mes", ...}}, got {type_name(message)}'
                                                 + (f" with keys {', '.join(sorted(message)[:6])}"
                                                    if isinstance(message, dict) else "")))
             continue
         if not isinstance(message.get("mes"), str):
-            problems.append(Problem(path, line, f'"mes" must be a string, got {type_name(message.get("mes"))}'))
+            problems.append(Problem(path, line, f'SillyTavern chat: "mes" must be a string, '
+                                                f'got {type_name(message.get("mes"))}'))
             continue
         kept.append((line, message))
     character = _real_name(header.get("character_name"))
