@@ -223,3 +223,31 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys):
     assert exited.value.code == 2
     assert capsys.readouterr().err == ("lyra: error: --split: selects a split of the embedded corpus; "
                                        "drop it when giving FILE\n")
+
+
+def test_an_explicit_empty_system_prompt_trains_without_one(tmp_path, tokenizer, capsys):
+    from omegaconf import OmegaConf
+
+    from lyra.data import build_datasets
+
+    turns = [{"from": "user", "value": "嗨"}, {"from": "assistant", "value": "主人好！"}]
+    path = write_lines(tmp_path / "empty_system.jsonl",
+                       json.dumps({"id": "top", "system": "", "conversations": turns}, ensure_ascii=False),
+                       json.dumps({"id": "message", "messages": [{"role": "system", "content": ""},
+                                                                 {"role": "user", "content": "嗨"},
+                                                                 {"role": "assistant", "content": "主人好！"}]},
+                                  ensure_ascii=False),
+                       json.dumps({"id": "none", "conversations": turns}, ensure_ascii=False))
+    conversations = load_conversations(path)
+    assert [(c.id, c.no_system_prompt, c.messages[0]["role"]) for c in conversations] == [
+        ("top", True, "user"), ("message", True, "user"), ("none", False, "user")]
+    data_cfg = OmegaConf.create({"train_file": str(path), "eval_file": None, "on_invalid": "error",
+                                 "max_length": 256, "system_prompt": "你是萊拉"})
+    splits = build_datasets(data_cfg, tokenizer)
+    assert splits.system_prompt_inserted == 1
+    prompts = [tokenizer.decode(example["input_ids"]) for example in splits.train]
+    assert ["你是萊拉" in prompt for prompt in prompts] == [False, False, True]
+    assert data_cli(["validate", str(path), "--system-prompt", "你是萊拉"]) == 0
+    err = capsys.readouterr().err
+    assert "2 conversations with an explicit empty system prompt, kept without one" in err
+    assert "data.system_prompt inserted into 1 of 3 conversation(s)" in err

@@ -70,7 +70,8 @@ def test_each_roleplay_log_validates_gives_stats_and_trains_two_steps(name, tmp_
     assert captured.out == f"{path}: ok, {conversations} conversations, {turns} assistant turns\n"
     for note in notes:
         assert note in captured.err
-    print(captured.out + captured.err)  # the kept turns and what was skipped, in the test log
+    with capsys.disabled():  # the kept turns and what was skipped, in the test log (pytest -s)
+        print(captured.out + captured.err)
     assert data_cli(["stats", str(path), "--json", "--system-prompt", SYSTEM, "--max-length", "1024",
                      *_label_options(name)]) == 0
     stats = json.loads(capsys.readouterr().out)
