@@ -13,6 +13,7 @@ prints (`FileReport.notes`). Nothing here knows a file format: the readers are `
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -112,6 +113,14 @@ class FileReport:
 
 class RecordError(Exception):
     """A record that cannot be used; the message says what is wrong and how to fix it."""
+
+
+def shown(text: Any, limit: int = 40) -> str:
+    """A value from a user's file as it may appear in a one-line problem: control characters escaped, cut short."""
+    text = str(text)
+    if any(character < " " or character in "\u2028\u2029" for character in text):
+        text = json.dumps(text, ensure_ascii=False)[1:-1]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def type_name(value: Any) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from lyra.data.dialects import chat, roleplay
 from lyra.data.dialects.base import Dialect, ReadContext, Unmapped
-from lyra.data.records import Conversation, RecordError, type_name
+from lyra.data.records import Conversation, RecordError, shown, type_name
 
 # Order matters where shapes share a key: PIPPA and speaker dialogues before Firefly ("conversation").
 RECORD_DIALECTS: list[Dialect] = [*chat.DIALECTS, *roleplay.DIALECTS, chat.FIREFLY]
@@ -68,7 +68,7 @@ def closest_format(record: dict) -> str:
     scored = [(2 * len(keys & dialect.keys) + len(items & dialect.item_keys), -index, dialect)
               for index, dialect in enumerate(RECORD_DIALECTS)]
     score, _, dialect = max(scored, key=lambda entry: entry[:2])
-    shown = ", ".join(f'"{key}"' for key in sorted(keys, key=str)[:6]) + (", ..." if len(keys) > 6 else "")
+    listed = ", ".join(f'"{shown(key)}"' for key in sorted(keys, key=str)[:6]) + (", ..." if len(keys) > 6 else "")
     where = f"closest known format: {dialect.name} {dialect.shape}" if score else (
         f"no known format shares its keys; the simplest is {dialect.name} {dialect.shape}")
-    return f"not a conversation shape lyra reads (keys: {shown or 'none'}); {where}: {dialect.convert}"
+    return f"not a conversation shape lyra reads (keys: {listed or 'none'}); {where}: {dialect.convert}"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lyra.data.records import Conversation, Problem, RecordError
+from lyra.data.records import Conversation, Problem, RecordError, shown
 
 
 class Unmapped(RecordError):
@@ -82,16 +82,16 @@ class ReadContext:
         if not self.unmapped:
             return None
         names = self.unmapped.most_common()
-        seen = ", ".join(f"{name} ({count})" for name, count in self.speakers_seen.most_common(12))
+        seen = ", ".join(f"{shown(name)} ({count})" for name, count in self.speakers_seen.most_common(12))
         more = f" and {len(self.speakers_seen) - 12} more" if len(self.speakers_seen) > 12 else ""
         seen = f"; speakers seen: {seen}{more}" if set(self.speakers_seen) != set(self.unmapped) else ""
-        options = " ".join(f"--label '{name}=user'" for name, _ in names[:3])
-        mapping = ", ".join(f"{name}: user" for name, _ in names[:3])
+        options = " ".join(f"--label '{shown(name)}=user'" for name, _ in names[:3])
+        mapping = ", ".join(f"{shown(name)}: user" for name, _ in names[:3])
         lines = ", ".join(str(line) for line in self.unmapped_lines[:3]) + (
             ", ..." if len(self.unmapped_lines) > 3 else "")
         return Problem(path, self.unmapped_lines[0],
                        f"{len(self.unmapped_lines)} record(s) (lines {lines}) have speakers no label maps to a role: "
-                       f"{', '.join(f'{name} ({count})' for name, count in names[:12])}{seen}. "
+                       f"{', '.join(f'{shown(name)} ({count})' for name, count in names[:12])}{seen}. "
                        f"Map each name to user, assistant (the character to train) or system: {options} for "
                        f"python -m lyra.data, data.labels='{{{mapping}}}' for training",
                        drops=len(self.unmapped_lines))

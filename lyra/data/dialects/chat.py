@@ -21,7 +21,7 @@ from collections import Counter
 from typing import Any
 
 from lyra.data.dialects.base import Dialect, ReadContext, named_messages
-from lyra.data.records import Conversation, RecordError, type_name
+from lyra.data.records import Conversation, RecordError, shown, type_name
 
 ROLE_ALIASES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant",
                 "tool": "tool", "observation": "tool", "function": "tool", "function_call": "assistant"}
@@ -60,7 +60,7 @@ def _message_text(value: Any, number: int, role: str, key: str) -> str:
                 raise RecordError(f'message {number} ({role}): content parts must be objects like '
                            f'{{"type": "text", "text": "..."}}, got {type_name(part)}')
             else:
-                raise RecordError(f'message {number} ({role}): content part of type {json.dumps(kind)} is not supported '
+                raise RecordError(f'message {number} ({role}): content part of type {shown(json.dumps(kind))} is not supported '
                            f'(text only); remove the part or the record')
         return "".join(texts)
     raise RecordError(f'message {number} ({role}): "{key}" must be a string, got {type_name(value)}')
@@ -84,7 +84,8 @@ def _tool_call(call: Any, number: int) -> dict:
     try:
         arguments = _json_value(arguments)
     except json.JSONDecodeError:
-        raise RecordError(f'message {number}: the arguments of tool call "{call["name"]}" are not valid JSON') from None
+        raise RecordError(f'message {number}: the arguments of tool call "{shown(call["name"])}" '
+                          "are not valid JSON") from None
     return {"type": "function", "function": {"name": call["name"], "arguments": arguments}}
 
 
@@ -149,7 +150,7 @@ def _normalize_message(turn: Any, number: int, ignored: Counter) -> dict[str, An
     raw_role = turn[role_key]
     role = ROLE_ALIASES.get(raw_role) if isinstance(raw_role, str) else None
     if role is None:
-        raise RecordError(f"message {number} has unknown role {json.dumps(raw_role, ensure_ascii=False)} "
+        raise RecordError(f"message {number} has unknown role {shown(json.dumps(raw_role, ensure_ascii=False), 60)} "
                    f"(expected one of {', '.join(ROLE_ALIASES)})")
     for name in REASONING_FIELDS:
         if turn.get(name):
@@ -232,8 +233,8 @@ def normalize_chat(record: dict, default_id: str, context: ReadContext) -> Conve
     tools = _tools(record)
     if any(message.get("tool_calls") for message in messages) and not tools:
         ignored_calls = next(m for m in messages if m.get("tool_calls"))["tool_calls"][0]["function"]["name"]
-        raise RecordError(f'calls the tool "{ignored_calls}" but has no "tools": add the function schemas as "tools" '
-                          "so the model learns them from the prompt it will see")
+        raise RecordError(f'calls the tool "{shown(ignored_calls)}" but has no "tools": add the function schemas as '
+                          '"tools" so the model learns them from the prompt it will see')
     if not any(message["role"] == "assistant" for message in messages):
         raise RecordError("conversation has no assistant turn (nothing to learn from)")
     if all(message.get("weight") == 0 for message in messages if message["role"] == "assistant"):
