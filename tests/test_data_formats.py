@@ -147,7 +147,7 @@ def test_the_same_problem_on_many_records_is_one_line_with_a_count(tmp_path):
     assert raised.value.key == "data.train_file"
     assert lines[0] == f"25 problem(s) in {path} (fix them or set data.on_invalid=skip):"
     assert lines[1].startswith(f"{path}:2: message 1 has unknown role")
-    assert lines[1].endswith("(the same on 25 records: lines 2, 3, 4, ...)")
+    assert lines[1].endswith("(25 times: lines 2, 3, 4, ...)")
     assert len(lines) == 2
 
 
@@ -158,7 +158,7 @@ def test_on_invalid_error_lists_at_most_20_kinds_of_problem(tmp_path):
         load_conversations(path, key="data.train_file")
     lines = raised.value.message.splitlines()
     assert len(lines) == 1 + MAX_REPORTED_PROBLEMS
-    assert lines[1].endswith("(the same on 2 records: lines 2, 27)")
+    assert lines[1].endswith("(2 times: lines 2, 27)")
     assert lines[-1].startswith("... and 12 more problem(s) of 6 other kind(s)")
 
 

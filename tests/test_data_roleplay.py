@@ -76,6 +76,7 @@ def test_each_roleplay_log_validates_gives_stats_and_trains_two_steps(name, tmp_
                      *_label_options(name)]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert (stats["conversations"], stats["skipped_invalid"]) == (conversations, 0)
+    assert sum(stats["left_out_or_added"].values()) == sum(read_file(path, LABELS.get(name)).counts.values())
     cfg = compose(smoke_overrides(tmp_path, "data=jsonl", f"data.train_file={path}", "trainer.max_steps=2",
                                   "eval=none", "trainer.save_strategy=no", "trainer.eval_strategy=no"))
     cfg.data.labels = LABELS.get(name, {})

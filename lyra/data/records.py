@@ -150,7 +150,7 @@ def format_group(group: list[Problem]) -> str:
         return str(first)
     lines = ", ".join(str(problem.line) for problem in group[:SHOWN_LINES_PER_GROUP])
     more = ", ..." if len(group) > SHOWN_LINES_PER_GROUP else ""
-    return f"{first} (the same on {len(group)} records: lines {lines}{more})"
+    return f"{first} ({len(group)} times: lines {lines}{more})"
 
 
 def format_problems(problems: list[Problem], limit: int | None = MAX_REPORTED_PROBLEMS) -> str:
