@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lyra.data.corpus import corpus_problems, opening, shape_problems  # noqa: E402
-from lyra.data.formats import Conversation, read_conversations  # noqa: E402
+from lyra.data.formats import read_conversations  # noqa: E402
+from lyra.data.records import Conversation  # noqa: E402
 from lyra.data.txt import to_seed_record, write_jsonl_atomic  # noqa: E402
 
 ASSETS = REPO / "lyra" / "data" / "assets"

@@ -16,7 +16,8 @@ import re
 from collections import Counter
 
 from lyra.data import corpus_file
-from lyra.data.formats import Conversation, load_conversations
+from lyra.data.formats import load_conversations
+from lyra.data.records import Conversation
 from lyra.data.zh_tw import non_taiwan_variants, simplified_only_characters
 
 MIN_TRAIN, MIN_EVAL, MIN_PROBES, MIN_MULTI_TURN_SHARE = 400, 60, 40, 0.4
