@@ -121,6 +121,31 @@ def module_file(module: str) -> Path | None:
     return None
 
 
+_IMPORTED: dict[tuple[Path, str], Path] = {}
+
+
+def imported_config_dir(cwd: Path, out: str) -> Path:
+    """The config dir a documented `python -m lyra.persona import CARD --out OUT` writes, made by
+    running that very command (into a temp dir: the checkout stays clean). Missing: no such import."""
+    if (cwd, out) not in _IMPORTED:
+        import tempfile
+
+        for command in ALL_COMMANDS:
+            found = lyra_module(command)
+            if (found and found[0] == "lyra.persona" and command.cwd == cwd and "--out" in found[1]
+                    and found[1][found[1].index("--out") + 1] == out):
+                target = Path(tempfile.mkdtemp(prefix="lyra-docs-import-")) / out
+                args = [str(target) if arg == out else arg for arg in found[1]]
+                result = subprocess.run([sys.executable, "-m", "lyra.persona", *args], cwd=cwd,
+                                        capture_output=True, text=True, timeout=120)
+                assert result.returncode == 0, f"{command}: {result.stderr[-1000:]}"
+                _IMPORTED[(cwd, out)] = target
+                break
+        else:
+            return cwd / out
+    return _IMPORTED[(cwd, out)]
+
+
 def hydra_overrides(args: list[str], cwd: Path) -> tuple[list[str], bool]:
     """The overrides `args` give a Hydra app, and whether it needs the `hydra` node (hydra.* keys,
     sweeps, launchers). Sweeps keep their first value: each job of a multirun composes one."""
@@ -137,6 +162,8 @@ def hydra_overrides(args: list[str], cwd: Path) -> tuple[list[str], bool]:
             skip = True  # --cfg job: only what is printed
         elif arg == "--config-dir":
             config_dir = (cwd / args[position + 1]).resolve()
+            if not config_dir.is_dir():  # made by a card import earlier on the page: run it
+                config_dir = imported_config_dir(cwd, args[position + 1])
             assert config_dir.is_dir(), f"--config-dir {args[position + 1]}: no such directory"
             overrides.append(f"hydra.searchpath=[file://{config_dir}]")
             needs_hydra, skip = True, True

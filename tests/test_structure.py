@@ -143,3 +143,8 @@ def test_every_lyra_import_in_scripts_resolves():
             except ImportError:
                 missing.append(f"{script}: from {module} import {name}")
     assert not missing, "scripts import what lyra no longer has:\n" + "\n".join(missing)
+
+
+def test_the_reader_does_not_import_the_converter():
+    """formats (the one reader) and txt (the .txt -> JSONL converter) once imported each other."""
+    assert not {m for m in imported_modules(REPO_ROOT / "lyra" / "data" / "formats.py") if m.startswith("lyra.data.txt")}

@@ -11,7 +11,7 @@ with or without a BOM, LF or CRLF, blank lines ignored:
 - role-play records (`lyra.data.dialects.roleplay`): PIPPA, text-generation-webui history,
   ChatHaruhi dialogues and pairs, speaker dialogues, RoleBench;
 - SillyTavern chats (`lyra.data.dialects.sillytavern`): a whole `.jsonl` file is one conversation;
-- plain-text transcripts (`lyra.data.txt`, `.txt` files).
+- plain-text transcripts (`lyra.data.dialects.transcript`, `.txt` files).
 docs/roleplay-data.md and the README's Data section show each shape.
 
 Every problem is a `Problem` that prints as `FILE:LINE: message`, LINE being the line where the
@@ -34,7 +34,7 @@ from lyra.data.dialects.roleplay import is_character_card
 from lyra.data.jsontext import is_multiline_document, json_array_records, jsonl_records, progress_bar
 from lyra.data.records import (MAX_REPORTED_PROBLEMS, Conversation, FileReport, Problem, decode_lines,
                                format_problems)
-from lyra.data.txt import parse_txt
+from lyra.data.dialects.transcript import parse_txt
 from lyra.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@
 `FileReport` is one file read: usable conversations, problems, ignored fields and the counts of
 what a dialect left out or added (skipped swipes, hidden system lines, ...), which every front end
 prints (`FileReport.notes`). Nothing here knows a file format: the readers are `lyra.data.formats`
-(dispatch and error policy), `lyra.data.dialects` (one module per family) and `lyra.data.txt`.
+(dispatch and error policy), `lyra.data.dialects` (one module per family, `.txt` transcripts included).
 """
 
 from __future__ import annotations

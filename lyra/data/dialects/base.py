@@ -10,7 +10,7 @@ A `Dialect` names a record shape, says whether it claims a record (`claims`), tu
 
 Speaker names (ChatHaruhi's `role`, `speaker`, OpenAI's message `name`, SillyTavern group chats)
 map to roles only through labels: `--label NAME=ROLE` / `data.labels`, plus the built-in ones of
-`lyra.data.txt`. An unmapped name is never guessed: the record is refused, and the file gets one
+`lyra.data.dialects.transcript`. An unmapped name is never guessed: the record is refused, and the file gets one
 problem listing every name seen with its count (`ReadContext.unmapped_problem`).
 """
 
@@ -58,7 +58,7 @@ class ReadContext:
 
     def table(self) -> dict[str, str]:
         if self._table is None:
-            from lyra.data.txt import label_table
+            from lyra.data.dialects.transcript import label_table
 
             self._table = label_table(self.labels)
         return self._table
