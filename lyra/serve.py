@@ -785,17 +785,21 @@ async def stream_events(service: ChatService, job: Job, request) -> AsyncIterato
 
 def serve(cfg: DictConfig) -> None:
     """Check the config, load the run, serve until Ctrl-C."""
-    import uvicorn
-
     from lyra.runs import load_run
     from lyra.secrets import install_log_scrubber, register_secret
 
     settings = check_serve_config(cfg)
+    try:
+        import fastapi  # noqa: F401  (build_app's)
+    except ImportError:
+        raise UserError(None, "the server needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
     register_secret(settings.api_key)
     install_log_scrubber()
     run = load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device)
     service = ChatService(run, settings, OmegaConf.to_container(cfg.generation, resolve=True))
     app = build_app(service)
+    import uvicorn
+
     log.info("serving %s at http://%s:%d/v1 (models: %s; system_prompt=%s; %s)", service.name,
              settings.host if ":" not in settings.host else f"[{settings.host}]", settings.port,
              ", ".join(service.model_ids()), settings.system_prompt,

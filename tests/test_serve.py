@@ -394,9 +394,10 @@ def test_a_registered_key_is_scrubbed_from_logs():
 
 def test_bounded_load_keeps_memory_flat(server):
     """20 concurrent clients, 60 requests, each client pausing 1 s after a 429 (scripts/load_test.py does
-    100 / 500 by hand): every request is served or refused with 429, none fails, and the server's RSS grows less than 100 MiB. Why 100 MiB:
-    one request's logits are 151,936 floats (0.6 MB) per token on the tiny Qwen3; keeping them for 60
-    requests x 8 tokens would add ~290 MB, while thread-pool and allocator warm-up stay well under it."""
+    100 / 500 by hand): every request is served or refused with 429, none fails, and the server's RSS
+    grows less than 32 MiB. Why 32 MiB: a served reply's logits are 151,936 floats (0.6 MB) per token on
+    the tiny Qwen3, so a reply state kept per request (8 tokens: ~5 MB) crosses it within the ~8 replies
+    this run serves, while a refused request costs no model memory and allocator warm-up stays a few MB."""
     result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "load_test.py"), "--url", server.url,
                              "--clients", "20", "--requests", "60", "--max-tokens", "8", "--time-cap", "240", "--pause", "1",
                              "--pid", str(server.process.pid)], capture_output=True, text=True, timeout=300,
@@ -404,5 +405,5 @@ def test_bounded_load_keeps_memory_flat(server):
     report = json.loads(result.stdout)
     print("load test:", json.dumps({key: value for key, value in report.items() if key != "failures"}))
     assert report["failed"] == 0, report["failures"]
-    assert report["served"] + report["refused"] + report["not_sent"] == 60 and report["served"] >= 10
-    assert report["rss_growth_bytes"] < 100 * 2**20
+    assert report["served"] + report["refused"] + report["not_sent"] == 60 and report["served"] >= 4
+    assert report["rss_growth_bytes"] < 32 * 2**20
