@@ -261,9 +261,14 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_token_id: int, device=None
     return input_ids, attention_mask
 
 
-def generate_replies(prompts: Sequence[Sequence[int]], model, tokenizer, streamer=None, **generation) -> list[Reply]:
-    """Generate for a batch of prompt token lists (left-padded together); one Reply each."""
+def generate_replies(prompts: Sequence[Sequence[int]], model, tokenizer, streamer=None, logits_processor=None,
+                     **generation) -> list[Reply]:
+    """Generate for a batch of prompt token lists (left-padded together); one Reply each.
+
+    logits_processor: extra transformers LogitsProcessors (lyra.serve's OpenAI penalties), applied
+    after the ones the GenerationConfig builds."""
     import torch
+    from transformers import LogitsProcessorList
 
     config = generation_config(tokenizer, **generation)
     stops = set(config.eos_token_id)
@@ -271,7 +276,7 @@ def generate_replies(prompts: Sequence[Sequence[int]], model, tokenizer, streame
     width = input_ids.shape[1]
     with torch.inference_mode():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                streamer=streamer)
+                                streamer=streamer, logits_processor=LogitsProcessorList(logits_processor or []))
     clean = strip_think if uses_think_tags(tokenizer) else str.strip
     replies = []
     for prompt, row in zip(prompts, output[:, width:].tolist()):
@@ -338,6 +343,8 @@ class ReplyStreamer:
 
         self.queue: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
+        # the reply's token ids so far, the stop token included: usage counts and finish reasons
+        self.generated: list[int] = []
         think = ThinkFilter(enabled=think_tags)
         outer = self
 
@@ -350,7 +357,10 @@ class ReplyStreamer:
             def put(self, value) -> None:
                 if outer.cancelled.is_set():
                     raise GenerationCancelled
+                prompt = self.skip_prompt and self.next_tokens_are_prompt  # generate() puts the prompt first
                 super().put(value)
+                if not prompt:
+                    outer.generated.extend(value.reshape(-1).tolist())
 
         self.streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
@@ -362,14 +372,16 @@ _DONE = object()
 
 
 def stream_reply(prompt_ids: Sequence[int], model, tokenizer, guard: Callable[[], AbstractContextManager] = nullcontext,
-                 **generation) -> Iterator[str]:
+                 streamer: ReplyStreamer | None = None, **generation) -> Iterator[str]:
     """Yield clean text deltas of the reply to `prompt_ids` as tokens arrive.
 
     Generation runs in a daemon worker thread inside `guard()` (the web page passes its model lock
     and adapter switch); closing this generator (Ctrl-C, Stop, Reset) stops the worker at its next
     token. The deltas concatenate to exactly what generate_replies returns as `text` (greedy).
+    streamer: pass your own ReplyStreamer to read its `generated` ids or `cancel()` it from another
+    thread (lyra.serve: a client that hung up while this generator waits for a token).
     """
-    streamer = ReplyStreamer(tokenizer, think_tags=uses_think_tags(tokenizer))
+    streamer = streamer or ReplyStreamer(tokenizer, think_tags=uses_think_tags(tokenizer))
 
     def work() -> None:
         try:

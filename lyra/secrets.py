@@ -1,7 +1,8 @@
 """Keeping secrets out of everything a run writes: saved config, metrics, logs, W&B config.
 
 A secret is the value of `WANDB_API_KEY`, `HF_TOKEN`, or any environment variable whose name
-looks like a credential (`*TOKEN*`, `*KEY*`, `*SECRET*`, `*PASSWORD*`, ...). Such values reach a
+looks like a credential (`*TOKEN*`, `*KEY*`, `*SECRET*`, `*PASSWORD*`, ...; `LYRA_API_KEY` too), plus
+any value handed to `register_secret` (lyra.serve's `api_key=` given on the command line). Such values reach a
 config through `${oc.env:HF_TOKEN}` interpolation or a shell-expanded override; lyra masks them as
 `***` wherever it writes:
 
@@ -32,15 +33,28 @@ SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNO
 MIN_SECRET_LENGTH = 8
 
 
+_registered: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Mask `value` too, though no environment variable holds it (e.g. lyra.serve's `api_key=` override).
+
+    lyra.serve refuses keys shorter than MIN_SECRET_LENGTH, so every registered value is masked."""
+    if value:
+        _registered.add(str(value))
+
+
 def is_secret_name(name: str) -> bool:
     return name.upper() in ALWAYS_SECRET or bool(SECRET_NAME.search(name))
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Secret values in the environment, longest first so a value containing another is masked whole."""
+    """Secret values in the environment (and the registered ones, unless `environ` is given), longest
+    first so a value containing another is masked whole."""
+    registered = _registered if environ is None else set()
     environ = os.environ if environ is None else environ
     values = {value for name, value in environ.items() if is_secret_name(name) and len(value) >= MIN_SECRET_LENGTH}
-    return sorted(values, key=len, reverse=True)
+    return sorted(values | registered, key=len, reverse=True)
 
 
 def scrub_text(text: str, secrets: list[str] | None = None) -> str:
