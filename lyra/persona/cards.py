@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from lyra.data.dialects.roleplay import NAME_MACRO, expand_names
 from lyra.errors import UserError
 from lyra.persona import LANGUAGES, has_simplified, is_english, is_traditional_chinese
 
@@ -77,8 +78,6 @@ MAX_LIST_ITEMS = 2000  # alternate greetings, tags, lorebook entries and their k
 MAX_YAML_FLOW_DEPTH = 64  # [ and { nesting a YAML card may have (pure-Python PyYAML only)
 
 CARD_KEY = "card"  # the UserError key of every problem with the card file
-CHAR_MACROS = re.compile(r"\{\{\s*char\s*\}\}|<bot>|<char>", re.IGNORECASE)
-USER_MACROS = re.compile(r"\{\{\s*user\s*\}\}|<user>", re.IGNORECASE)
 ORIGINAL_MACRO = re.compile(r"\{\{\s*original\s*\}\}", re.IGNORECASE)
 OTHER_MACRO = re.compile(r"\{\{[^{}\n]{1,60}\}\}")
 START = re.compile(r"^[ \t]*<START>[ \t]*$", re.IGNORECASE | re.MULTILINE)
@@ -503,9 +502,8 @@ def _book(book: Any, notes: list[str]) -> list[BookEntry]:
 # ---------------------------------------------------------------- macros and example dialogue
 
 def expand(text: str, char: str, user: str) -> str:
-    """{{char}}/<BOT>/<CHAR> -> char and {{user}}/<USER> -> user, any case."""
-    text = CHAR_MACROS.sub(lambda _: char, text)
-    return USER_MACROS.sub(lambda _: user, text)
+    """{{char}}/<BOT>/<CHAR> -> char and {{user}}/<USER> -> user, any case (the one rule of lyra.data)."""
+    return expand_names(text, char, user)
 
 
 @dataclass
@@ -672,8 +670,7 @@ def plan_persona(card: Card, *, user_address: str | None = None, language: str |
         raise UserError("--language", f"must be one of {', '.join(LANGUAGES)}, got {language!r}")
 
     leftovers = sorted({m.group(0) for text in [system_prompt, *greetings, card.mes_example]
-                        for m in OTHER_MACRO.finditer(text) if not CHAR_MACROS.fullmatch(m.group(0))
-                        and not USER_MACROS.fullmatch(m.group(0))})
+                        for m in OTHER_MACRO.finditer(text) if not NAME_MACRO.fullmatch(m.group(0))})
     if leftovers:
         notes.append(f"{len(leftovers)} frontend macro(s) left as written: {', '.join(leftovers[:5])}")
 

@@ -31,15 +31,17 @@ from lyra.data.records import Conversation, RecordError, type_name
 
 USER_NAME = "User"  # what {{user}} becomes in PIPPA records: the records do not say who the user was
 BEGIN_VISIBLE_CHAT = "<|BEGIN-VISIBLE-CHAT|>"
-_MACRO = re.compile(r"\{\{\s*(char|user|random_user_\d+)\s*\}\}|<(BOT|USER)>", re.IGNORECASE)
+# The name macros of role-play files: cards (V2/V3 {{char}}/{{user}}, V1 <BOT>/<CHAR>/<USER>) and PIPPA
+# ({{random_user_N}}). One table for lyra.data and lyra.persona.cards.
+NAME_MACRO = re.compile(r"\{\{\s*(char|user|random_user_\d+)\s*\}\}|<(BOT|CHAR|USER)>", re.IGNORECASE)
 
 
 def expand_names(text: str, character: str, user: str = USER_NAME) -> str:
-    """{{char}}/{{user}} in any case, PIPPA's {{random_user_N}} and V1's <BOT>/<USER> -> the names."""
+    """{{char}}/{{user}} in any case, PIPPA's {{random_user_N}} and V1's <BOT>/<CHAR>/<USER> -> the names."""
     def name(match: re.Match) -> str:
         macro = (match.group(1) or match.group(2)).lower()
         return character if macro in ("char", "bot") else user
-    return _MACRO.sub(name, text)
+    return NAME_MACRO.sub(name, text)
 
 
 def _got(value: Any) -> str:
