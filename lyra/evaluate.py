@@ -5,6 +5,7 @@
     python -m lyra.evaluate run_dir=R compare_base=true                 # trained and bare base side by side
     python -m lyra.evaluate run_dir=R eval.num_probes=10 eval.generation.max_new_tokens=64
     python -m lyra.evaluate run_dir=R eval_file=my_heldout.jsonl
+    python -m lyra.evaluate run_dir=R targets=hf,merged,gguf,server   # parity: the persona served 4 ways (lyra.parity)
 
 The persona metrics (address_rate, self_name_rate, language_rate, simplified_rate for zh-TW, ...;
 see lyra.probes) count the words of the persona the run was trained with, read from its
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +147,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     persona = run_persona(load_run_config(run_dir), run_dir)
     validate_probes(cfg.eval, persona)
     probes = selected_probes(cfg.eval, persona)
+    if cfg.targets is not None:
+        return check_parity(cfg, run_dir, persona, probes)
     run = load_run(run_dir, adapter=cfg.adapter, device=cfg.device)
     data_cfg = eval_data_config(run.cfg, run_dir, cfg.eval_file)
 
@@ -173,10 +177,37 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def check_parity(cfg: DictConfig, run_dir: Path, persona, probes) -> dict[str, Any]:
+    """targets=...: the parity check (lyra.parity), written under `parity` in the evaluation JSON
+    (its other keys, from an earlier plain evaluation, are kept)."""
+    from lyra.parity import format_parity, parity_check
+
+    if cfg.compare_base:
+        raise UserError("compare_base", "the parity check compares the trained persona only; drop compare_base")
+    generation = OmegaConf.to_container(cfg.eval.generation, resolve=True)
+    report = parity_check(run_dir, cfg.targets, probes, persona, generation, adapter=cfg.adapter, device=cfg.device,
+                          **OmegaConf.to_container(cfg.parity, resolve=True))
+    path = output_path(run_dir, str(cfg.adapter), cfg.output_file)
+    results = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"run_dir": str(run_dir)}
+    results["parity"] = report
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    print(format_parity(report))
+    print(f"\nparity written to {path} (key `parity`)")
+    return results
+
+
+def targets_as_list(argv: list[str]) -> list[str]:
+    """`targets=hf,merged` as Hydra reads a list: unquoted, Hydra would take the commas for a sweep."""
+    return [f"targets=[{arg.split('=', 1)[1]}]" if arg.startswith("targets=") and "," in arg
+            and not arg.split("=", 1)[1].startswith(("[", "'", '"')) else arg for arg in argv]
+
+
 @hydra_app("evaluate")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
 if __name__ == "__main__":
+    sys.argv = targets_as_list(sys.argv)
     main()

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import lyra
 from lyra.cli import hydra_app
+from lyra.data.tokenization import template_with_system_prompt
 from lyra.errors import UserError
 from lyra.paths import resolve_user_path
 
@@ -54,18 +55,6 @@ def export_dtype(name: str):
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return resolve_dtype(name)
-
-
-def template_with_system_prompt(template: str, system_prompt: str) -> str:
-    """The chat template, prefixed so that a chat without a system message gets `system_prompt`.
-
-    json.dumps yields a valid Jinja string literal (Jinja reads the same backslash escapes).
-    """
-    literal = json.dumps(system_prompt, ensure_ascii=False)
-    prefix = ("{%- if not messages or messages[0]['role'] != 'system' %}"
-              f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
-              "{%- endif %}\n")
-    return prefix + template
 
 
 def _publishable(directory: Path) -> None:
