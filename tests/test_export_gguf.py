@@ -95,7 +95,8 @@ def reference(exports):
 def test_gguf_f16_logits_and_tokenizer_match_the_merged_model(exports, reference):
     model_ref, tokenizer_ref = reference
     _, gguf_dir = exports
-    assert sorted(p.name for p in gguf_dir.iterdir()) == ["Modelfile", "README.md", "lyra_export.json", "model-f16.gguf"]
+    assert sorted(p.name for p in gguf_dir.iterdir()) == ["Modelfile", "README.md", "llama-server.sh", "lyra_export.json",
+                                                          "model-f16.gguf", "system_prompt.txt"]
     model, tokenizer, parsed = _load_gguf(gguf_dir / "model-f16.gguf", model_ref.config)
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"):
@@ -147,6 +148,35 @@ def test_gguf_metadata_stops_template_and_system_prompt(smoke_run, exports):
     assert "ollama create lyra -f Modelfile" in (gguf_dir / "README.md").read_text(encoding="utf-8")
     provenance = json.loads((gguf_dir / "lyra_export.json").read_text())
     assert provenance["format"] == "gguf" and provenance["gguf_type"] == "f16"
+
+
+def test_every_runtime_file_carries_the_persona_prompt(smoke_run, exports):
+    """llama-server without --jinja drops the template's built-in system prompt: the script keeps
+    --jinja, the prompt is in its own file for llama-cli / LM Studio, and the README says both."""
+    import shlex
+
+    from lyra.runs import load_run_config
+
+    _, gguf_dir = exports
+    system_prompt = load_run_config(smoke_run).data.system_prompt
+    assert (gguf_dir / "system_prompt.txt").read_text(encoding="utf-8") == system_prompt + "\n"
+    script = gguf_dir / "llama-server.sh"
+    assert os.access(script, os.X_OK)  # runnable as ./llama-server.sh
+    subprocess.run(["sh", "-n", str(script)], check=True)  # valid shell
+    command = shlex.split(script.read_text(encoding="utf-8").splitlines()[-1])
+    assert command[:4] == ["exec", "llama-server", "-m", "model-f16.gguf"] and "--jinja" in command
+    assert command[command.index("--host") + 1] == "127.0.0.1"  # local only, like lyra.serve
+    # the run's sampling defaults (generation group) as llama-server flags, and the caller's flags last
+    assert command[command.index("--temp") + 1] == "0.7" and command[command.index("-n") + 1] == "256"
+    assert command[-1] == "$@"
+    readme = (gguf_dir / "README.md").read_text(encoding="utf-8")
+    assert "--jinja" in readme and "-sysf system_prompt.txt" in readme and "LM Studio" in readme
+
+
+def test_without_an_embedded_prompt_no_prompt_file_is_written(smoke_run, tmp_path):
+    out = _export(smoke_run, tmp_path / "stock", "format=gguf", "embed_system_prompt=false")
+    assert not (out / "system_prompt.txt").exists() and "SYSTEM" not in (out / "Modelfile").read_text()
+    assert "system_prompt.txt" not in (out / "README.md").read_text() + (out / "llama-server.sh").read_text()
 
 
 def test_modelfile_template_renders_the_training_prompt(tokenizer):
@@ -227,7 +257,9 @@ def test_llama_cpp_generates_the_merged_models_greedy_reply_and_stops_at_eos(tmp
     path = tmp_path / "model-f16.gguf"
     write_gguf(reference, reference_tokenizer, path, target, reference_tokenizer.chat_template,
                [reference_tokenizer.eos_token_id])
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False)
+    # On CPUs with AMX, llama.cpp's default build segfaults while repacking weights into its AMX
+    # buffers (any quantized GGUF, not only lyra's); the plain CPU buffers compute the same result.
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, use_extra_bufts=False)
 
     messages = [{"role": "system", "content": target.default_system},
                 {"role": "user", "content": "What is 2 + 2? Answer with just the number."}]
