@@ -181,7 +181,24 @@ def build_quantization(quant_cfg: DictConfig, compute_dtype: torch.dtype):
         return None
     kwargs: dict[str, Any] = OmegaConf.to_container(quant_cfg, resolve=True)
     kwargs["bnb_4bit_compute_dtype"] = resolve_compute_dtype(kwargs["bnb_4bit_compute_dtype"], compute_dtype)
-    return BitsAndBytesConfig(**kwargs)
+    try:
+        return BitsAndBytesConfig(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise UserError(offending_key("quantization", kwargs, error), f"BitsAndBytesConfig refused it: {error}") from None
+
+
+def offending_key(group: str, kwargs: dict[str, Any], error: Exception) -> str:
+    """The key of `group` a library error is about: the one whose name or value the message names, else
+    the group itself. A kwarg that fails deep inside peft or transformers still gets a line naming it."""
+    message = str(error).lower()
+    quoted = [key for key in kwargs if f"'{key.lower()}'" in message]
+    by_value = [key for key, value in kwargs.items()
+                if isinstance(value, str) and len(value) > 2 and re.search(rf"\b{re.escape(value.lower())}\b", message)]
+    by_name = [key for key in kwargs if len(key) > 2 and re.search(rf"\b{re.escape(key.lower())}\b", message)]
+    for found in (quoted, by_value, by_name):
+        if found:
+            return f"{group}.{found[0]}"
+    return group
 
 
 def cpu_has_native_bf16() -> bool:
@@ -301,12 +318,20 @@ def apply_lora(model, lora_cfg: DictConfig, gradient_checkpointing: bool = False
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     check_target_modules(model, lora_cfg.target_modules)
+    kwargs: dict[str, Any] = OmegaConf.to_container(lora_cfg, resolve=True)
+    try:
+        config = LoraConfig(**kwargs)
+    except (TypeError, ValueError) as error:  # an unknown or invalid +lora.* kwarg
+        raise UserError(offending_key("lora", kwargs, error), f"peft.LoraConfig refused it: {error}") from None
     if getattr(model, "is_loaded_in_4bit", False):
         keep_4bit_weights_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, LoraConfig(**OmegaConf.to_container(lora_cfg, resolve=True)))
+    try:
+        return get_peft_model(model, config)
+    except (TypeError, ValueError, NotImplementedError) as error:  # e.g. init_lora_weights=pissa on a 4-bit base
+        raise UserError(offending_key("lora", kwargs, error), f"peft cannot build this adapter: {error}") from None
 
 
 def count_parameters(model) -> tuple[int, int]:

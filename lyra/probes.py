@@ -76,11 +76,25 @@ def selected_probes(eval_cfg: DictConfig, persona: Mapping) -> list[Probe]:
     return load_probes(probes_path(eval_cfg, persona), _probes_key(eval_cfg))[: eval_cfg.num_probes or None]
 
 
+def probes_enabled(eval_cfg: DictConfig | None, say: bool = True) -> bool:
+    """Whether the eval group turns training-time probes on. `eval=none` is empty, but an experiment
+    may still set eval.num_probes on top of it (experiment=cpu_real eval=none): those keys are said
+    to be ignored, in one line, and the probes stay off."""
+    if not eval_cfg:
+        return False
+    if "generation" not in eval_cfg:  # every probes option sets its generation; none sets nothing
+        if say:  # validate says it once; the training callback checks again quietly
+            log.warning("eval=none: probes are off, so %s from the experiment %s ignored",
+                        ", ".join(f"eval.{key}" for key in eval_cfg), "is" if len(eval_cfg) == 1 else "are")
+        return False
+    return True
+
+
 def validate_probes(eval_cfg: DictConfig | None, persona: Mapping) -> None:
     """Check the eval group (training-time probes) before anything heavy; `eval=none` passes."""
     from lyra.generation import check_generation
 
-    if not eval_cfg:
+    if not probes_enabled(eval_cfg):
         return
     num = eval_cfg.num_probes
     if num is not None and not (isinstance(num, int) and num >= 1):
@@ -118,7 +132,7 @@ class PersonaProbeCallback(TrainerCallback):
     """
 
     def __init__(self, eval_cfg: DictConfig | None, persona: Mapping, system_prompt: str | None, wandb_run=None):
-        self.enabled = bool(eval_cfg)
+        self.enabled = probes_enabled(eval_cfg, say=False)
         self.run = wandb_run
         self.persona = persona
         self.system_prompt = system_prompt

@@ -170,6 +170,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from lyra.cli import hydra_errors_in_lyra_voice
+
     with exit_on_user_error():  # accelerate/torchrun: ranks must share one explicit run dir
         sys.argv = rank_aware_argv(sys.argv)
-    sys.exit(main())
+    with hydra_errors_in_lyra_voice("train"):  # an unknown key or option: one line, exit 2
+        main()

@@ -6,6 +6,7 @@ checks pin the CLI shape (exactly one stderr line `lyra: error: ...`, exit code 
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -210,3 +211,44 @@ def test_cli_prints_one_line_and_exits_2_before_any_model_loads(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["lyra: error: lora.r: must be an integer > 0, got 0"]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------- Hydra's own errors, in lyra's voice
+
+@pytest.mark.parametrize("override, expected", [
+    ("lora.use_dora=true", "lyra: error: lora.use_dora: not set by the config files, but a peft.LoraConfig option: "
+                           "add it with +lora.use_dora=true"),
+    ("trainer.neftune_noise_alpha=5", "but a transformers.TrainingArguments option: add it with "
+                                      "+trainer.neftune_noise_alpha=5"),
+    ("lora.rr=3", "lyra: error: lora.rr: no such key; did you mean lora.r?"),
+    ("trainer.learning_rat=1e-4", "did you mean trainer.learning_rate?"),
+    ("eval=nope", "lyra: error: eval=nope: no such option; options: none, probes, smoke"),
+])
+def test_hydra_composition_errors_are_one_lyra_line(override, expected, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lyra.train", "experiment=smoke", override],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_kwarg_that_fails_inside_peft_names_its_key(tmp_path):
+    """+lora.init_lora_weights=pissa is a real LoraConfig kwarg that peft refuses on a 4-bit base."""
+    result = subprocess.run([sys.executable, "-m", "lyra.train", "experiment=smoke", "logger=none",
+                             "+lora.init_lora_weights=pissa", f"hydra.run.dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "lyra: error: lora.init_lora_weights: peft cannot build this adapter" in result.stderr.splitlines()[-1]
+
+
+def test_an_experiment_with_eval_none_validates_and_says_what_it_ignores(caplog):
+    """experiment=cpu_real sets eval.num_probes; eval=none turns probes off: no traceback, one warning."""
+    from lyra.probes import PersonaProbeCallback, validate_probes
+
+    cfg = compose(["experiment=cpu_real", "eval=none"])
+    with caplog.at_level(logging.WARNING, logger="lyra.probes"):
+        validate_probes(cfg.get("eval"), cfg.persona)
+    assert "eval=none: probes are off, so eval.num_probes, eval.probes_every from the experiment are ignored" in caplog.text
+    assert not PersonaProbeCallback(cfg.get("eval"), cfg.persona, cfg.data.system_prompt).enabled
