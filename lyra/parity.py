@@ -284,6 +284,9 @@ def _run_gguf(result: TargetRun, run, adapter: str, adapter_path: Path, probes, 
                 raw = llm.detokenize([t for t in tokens if t not in stops])
                 replies.append(_reply(clean(raw), raw, tokens, ended, len(ids)))
             result.replies, result.prompt_ids_equal = replies, equal
+            if llm.chat_format != "chat_template.default":
+                result.notes.append(f"llama-cpp-python's create_chat_completion would use its built-in "
+                                    f"{llm.chat_format!r} format, not the file's template")
         finally:
             llm.close()
 
@@ -300,6 +303,33 @@ def _reply(text: str, raw: str, token_ids: list[int], ended_by_eos: bool, prompt
     return Reply(text=text, raw=raw, token_ids=token_ids, ended_by_eos=ended_by_eos, prompt_tokens=prompt_tokens)
 
 
+def load_llama(**kwargs):
+    """llama_cpp.Llama(**kwargs) with llama.cpp's extra buffer types off (`use_extra_bufts=False`).
+
+    On CPUs with AMX, llama.cpp's default build segfaults while repacking q8_0/q4 weights into its
+    AMX buffers (any GGUF, not only lyra's); plain CPU buffers compute the same result. Llama() has
+    no such argument (llama-cpp-python 0.3.36 silently drops unknown keywords), so the model
+    parameters it starts from are patched for this one load.
+    """
+    import llama_cpp
+
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_repacking
+    try:
+        llm = llama_cpp.Llama(**kwargs)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+    if llm.model_params.use_extra_bufts:
+        raise RuntimeError("llama-cpp-python ignored use_extra_bufts=False; q8_0 may crash on AMX CPUs")
+    return llm
+
+
 class LlamaCppRunner:
     """llama.cpp (llama-cpp-python) on one GGUF file: its template, its tokenizer, its logits."""
 
@@ -307,12 +337,12 @@ class LlamaCppRunner:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
-        # On CPUs with AMX, llama.cpp's default build segfaults while repacking q8_0/q4 weights into
-        # its AMX buffers (any GGUF, not only lyra's); plain CPU buffers compute the same result.
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads,
-                                   n_threads_batch=n_threads, verbose=False, use_extra_bufts=False)
+        self.llm = load_llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                              verbose=False)
         self.n_vocab = self.llm.n_vocab()
         self.template = self.llm.metadata.get("tokenizer.chat_template")
+        # llama-cpp-python swaps in a built-in format when the template looks like a known one
+        self.chat_format = self.llm.chat_format
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """What llama-cpp-python's create_chat_completion feeds the model: the file's embedded Jinja
@@ -322,12 +352,12 @@ class LlamaCppRunner:
         if not self.template:
             raise UserError("targets", "gguf: the file has no tokenizer.chat_template")
         formatter = Jinja2ChatFormatter(template=self.template, eos_token=self._text(self.llm.token_eos()),
-                                        bos_token=self._text(self.llm.token_bos()))
+                                        bos_token=self._text(self.llm.token_bos()))  # as Llama() builds it
         rendered = formatter(messages=messages)
         return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
 
     def _text(self, token: int) -> str:
-        return "" if token < 0 else self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+        return "" if token < 0 else self.llm._model.token_get_text(token)
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self._llama_cpp.llama_vocab_is_eog(self._llama_cpp.llama_model_get_vocab(self.llm.model), token))
@@ -471,7 +501,7 @@ def _report(results: dict[str, TargetRun], probes, persona: Mapping, generation,
                 stops = [p.id for p, same in zip(probes, same_stop) if not same]
                 if stops:
                     problems.append(f"stops differently on {len(stops)}/{n} probes (first: {stops[0]})")
-            problems += [note for note in result.notes if "does not end a generation" in note]
+            problems += [note for note in result.notes if "does not end a generation" in note or "built-in" in note]
             if problems:
                 disagreements.append(f"{name} disagrees: " + "; ".join(problems))
         elif result.status == "failed":

@@ -244,22 +244,35 @@ def _smollm2_dir() -> Path:
     return script.smollm2_dir()
 
 
+def _llama_cpp_greedy(llm, ids, eos: int, limit: int) -> list[int]:
+    generated = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        generated.append(token)
+        if token == eos or len(generated) >= limit:
+            break
+    return generated
+
+
 @pytest.mark.slow
 def test_llama_cpp_generates_the_merged_models_greedy_reply_and_stops_at_eos(tmp_path):
-    """llama.cpp itself (llama-cpp-python) on the exported SmolLM2 file, prompted with the Modelfile's template."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds from source)")
+    """llama.cpp itself (llama-cpp-python) on the exported SmolLM2 files, f16 and q8_0, prompted with
+    the Modelfile's template."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install 'lyra[gguf-runtime]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lyra.parity import load_llama
 
     source = _smollm2_dir()
     reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     reference_tokenizer = AutoTokenizer.from_pretrained(source)
-    target = check_gguf_export(reference.config, reference_tokenizer, reference_tokenizer.chat_template, "f16")
-    path = tmp_path / "model-f16.gguf"
-    write_gguf(reference, reference_tokenizer, path, target, reference_tokenizer.chat_template,
-               [reference_tokenizer.eos_token_id])
-    # On CPUs with AMX, llama.cpp's default build segfaults while repacking weights into its AMX
-    # buffers (any quantized GGUF, not only lyra's); the plain CPU buffers compute the same result.
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, use_extra_bufts=False)
+    eos = reference_tokenizer.eos_token_id
+    paths = {}
+    for type in ("f16", "q8_0"):
+        target = check_gguf_export(reference.config, reference_tokenizer, reference_tokenizer.chat_template, type)
+        paths[type] = tmp_path / f"model-{type}.gguf"
+        write_gguf(reference, reference_tokenizer, paths[type], target, reference_tokenizer.chat_template, [eos])
+    # load_llama sets use_extra_bufts=False: on CPUs with AMX, llama.cpp's default build segfaults repacking q8_0
+    llm = load_llama(model_path=str(paths["f16"]), n_ctx=512, n_threads=2, verbose=False)
 
     messages = [{"role": "system", "content": target.default_system},
                 {"role": "user", "content": "What is 2 + 2? Answer with just the number."}]
@@ -268,16 +281,14 @@ def test_llama_cpp_generates_the_merged_models_greedy_reply_and_stops_at_eos(tmp
     assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids  # llama.cpp's own BPE, same ids
 
     reply = reference.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
-                               eos_token_id=reference_tokenizer.eos_token_id)[0, len(ids):].tolist()
-    assert reply[-1] == reference_tokenizer.eos_token_id  # the merged model ends its short answer
-    eos = reference_tokenizer.eos_token_id
+                               eos_token_id=eos)[0, len(ids):].tolist()
+    assert reply[-1] == eos  # the merged model ends its short answer
     assert llm.token_eos() == eos  # llama.cpp read the eos from the file
-    generated = []
-    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-        generated.append(token)
-        if token == eos or len(generated) >= len(reply):
-            break
-    assert generated == reply  # same greedy tokens, and llama.cpp stops at the same eos
+    assert _llama_cpp_greedy(llm, ids, eos, len(reply)) == reply  # same greedy tokens, same stop
+    llm.close()
+    q8 = load_llama(model_path=str(paths["q8_0"]), n_ctx=512, n_threads=2, verbose=False)
+    assert _llama_cpp_greedy(q8, ids, eos, len(reply)) == reply  # loads and answers alike (no AMX crash)
+    q8.close()
 
 
 _GO_RENDER = """package main
