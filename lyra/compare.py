@@ -4,11 +4,13 @@
     python -m lyra.compare SWEEP_A SWEEP_B outputs/2026-11-29/09-12-31   # sweeps and single runs mixed
     python -m lyra.compare SWEEP --metric eval_loss --direction minimize --out reports/
     python -m lyra.compare SWEEP --metric address_rate                   # persona fidelity, best first
+    python -m lyra.compare SWEEP --metric persona_hold                   # after lyra.evaluate drift.turns=8
 
 Runs are found and ranked by lyra.results. The table shows each run's overrides (those that differ
-between the runs compared), eval and train loss, trainable params, tokens/s and any persona
-metrics. `compare.csv` holds every metric; `compare.png` plots the ranking metric against each
-swept parameter and the train/eval loss curves of every run (from `trainer_state.json`).
+between the runs compared), eval and train loss, trainable params, tokens/s, any persona metrics,
+and persona_hold where `lyra.evaluate drift.turns=N` wrote it (the run's evaluation.json).
+`compare.csv` holds every metric; `compare.png` plots the ranking metric against each swept
+parameter and the train/eval loss curves of every run (from `trainer_state.json`).
 Outputs go to the dir given (or to ./lyra-compare when several are given), unless --out says.
 """
 
@@ -116,7 +118,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="metric to rank by (a key of metrics.json), e.g. address_rate")
     parser.add_argument("--direction", default="auto", choices=("auto", "minimize", "maximize"),
                         help="auto: minimize losses, perplexity, think_leak_rate and simplified_rate; "
-                             "maximize the other persona rates (address_rate, self_name_rate, ...)")
+                             "maximize the other persona rates (address_rate, self_name_rate, ...) and "
+                             "the drift holds (persona_hold, ...)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where compare.csv and compare.png go (default: the one dir given, else ./lyra-compare)")
     return parser.parse_args(argv)

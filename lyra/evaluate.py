@@ -5,7 +5,11 @@
     python -m lyra.evaluate run_dir=R compare_base=true                 # trained and bare base side by side
     python -m lyra.evaluate run_dir=R eval.num_probes=10 eval.generation.max_new_tokens=64
     python -m lyra.evaluate run_dir=R eval_file=my_heldout.jsonl
+<<<<<<< HEAD
     python -m lyra.evaluate run_dir=R targets=hf,merged,gguf,server   # parity: the persona served 4 ways (lyra.parity)
+=======
+    python -m lyra.evaluate run_dir=R drift.turns=8                     # persona per turn of long chats (lyra.drift)
+>>>>>>> main
 
 The persona metrics (address_rate, self_name_rate, language_rate, simplified_rate for zh-TW, ...;
 see lyra.probes) count the words of the persona the run was trained with, read from its
@@ -27,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from lyra.cli import hydra_app
 from lyra.errors import UserError
 from lyra.paths import resolve_user_path
-from lyra.persona import PERSONA_METRICS
-from lyra.probes import run_probes, selected_probes, validate_probes
+from lyra.persona import HOLD_KEYS, PERSONA_METRICS
+from lyra.probes import probes_per_rate, run_probes, selected_probes, validate_probes
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +105,21 @@ def _shown(value) -> str:
 
 
 def table_keys(results: dict[str, Any]) -> list[str]:
-    return ["eval_loss", "perplexity", "eval_tokens", "num_probes", *(k for k in PERSONA_METRICS if k in results)]
+    return ["eval_loss", "perplexity", "eval_tokens", "num_probes",
+            *(k for k in (*PERSONA_METRICS, *HOLD_KEYS) if k in results)]
+
+
+def rates_note(results: dict[str, Any]) -> list[str]:
+    """Which rates were computed over fewer probes than all (tagged probes, lyra.persona.CHECKS)."""
+    counts, total = results.get("probes_per_rate", {}), results.get("num_probes")
+    partial = [f"{metric} over {count}" for metric, count in counts.items() if count != total]
+    return [f"(of {total} probes, by their \"checks\": {', '.join(partial)})"] if partial else []
 
 
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"{'metric':<18}{'value':>12}", "-" * 30]
     lines += [f"{key:<18}{_shown(results.get(key)):>12}" for key in table_keys(results)]
-    return "\n".join(lines)
+    return "\n".join(lines + rates_note(results))
 
 
 def format_comparison(results: dict[str, Any]) -> str:
@@ -118,24 +130,28 @@ def format_comparison(results: dict[str, Any]) -> str:
         change = delta.get(key)
         lines.append(f"{key:<18}{_shown(base.get(key)):>12}{_shown(results.get(key)):>12}"
                      f"{('n/a' if change is None else f'{change:+.4f}'):>12}")
-    return "\n".join(lines)
+    return "\n".join(lines + rates_note(results))
 
 
-def measure(model, tokenizer, splits, probes, persona, system_prompt: str, eval_cfg: DictConfig) -> dict[str, Any]:
-    """Eval loss over the split and persona metrics over the probes, for `model` as it is now."""
+def measure(model, tokenizer, splits, probes, persona, system_prompt: str, eval_cfg: DictConfig,
+            drift=None) -> dict[str, Any]:
+    """Eval loss over the split and persona metrics over the probes (and drift), for `model` as it is now."""
     loss, tokens = (None, 0)
     if splits.eval is not None:
         loss, tokens = eval_loss(model, splits.eval, tokenizer, eval_cfg.batch_size)
     generation = OmegaConf.to_container(eval_cfg.generation, resolve=True)
     metrics, rows = run_probes(model, tokenizer, probes, persona, system_prompt, generation, eval_cfg.batch_size)
+    drifted = drift.run(model, tokenizer, persona, system_prompt) if drift else {}
     return {"eval_loss": loss, "perplexity": perplexity(loss), "eval_tokens": tokens, "num_probes": len(rows),
-            **metrics, "replies": rows}
+            **metrics, "probes_per_rate": probes_per_rate(probes, persona), **drifted, "replies": rows}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """The evaluate app for a composed conf/evaluate.yaml; returns what it writes to the JSON."""
     from lyra.data import build_datasets
-    from lyra.runs import NO_ADAPTER, load_run, load_run_config, run_dir_path, run_persona
+    from lyra.drift import format_drift_table, plan_drift
+    from lyra.runs import DEFAULT_ADAPTER, NO_ADAPTER, load_run, load_run_config, run_dir_path, run_persona
+    from lyra.tracking import update_run_summary
 
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise UserError("run_dir", "is required: python -m lyra.evaluate run_dir=<training output dir>")
@@ -144,16 +160,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.compare_base and str(cfg.adapter).lower() == NO_ADAPTER:
         raise UserError("compare_base", "adapter=none already evaluates the bare base; drop one of the two")
     run_dir = run_dir_path(cfg.run_dir)
-    persona = run_persona(load_run_config(run_dir), run_dir)
+    run_cfg = load_run_config(run_dir)
+    persona = run_persona(run_cfg, run_dir)
     validate_probes(cfg.eval, persona)
     probes = selected_probes(cfg.eval, persona)
+<<<<<<< HEAD
     if cfg.targets is not None:
         return check_parity(cfg, run_dir, persona, probes)
+=======
+    data_cfg = eval_data_config(run_cfg, run_dir, cfg.eval_file)
+    drift = plan_drift(cfg.drift, data_cfg, cfg.eval, persona)  # None with drift.turns=0; checked before the model
+>>>>>>> main
     run = load_run(run_dir, adapter=cfg.adapter, device=cfg.device)
-    data_cfg = eval_data_config(run.cfg, run_dir, cfg.eval_file)
 
     splits = build_datasets(data_cfg, run.tokenizer)
-    measured = measure(run.model, run.tokenizer, splits, probes, persona, run.system_prompt, cfg.eval)
+    measured = measure(run.model, run.tokenizer, splits, probes, persona, run.system_prompt, cfg.eval, drift)
     results: dict[str, Any] = {
         "run_dir": str(run_dir),
         "adapter": run.adapter,
@@ -165,7 +186,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.compare_base:  # the same model with its adapter off: same probes, same split, same decoding
         with run.adapter_disabled():
-            base = measure(run.model, run.tokenizer, splits, probes, persona, run.system_prompt, cfg.eval)
+            base = measure(run.model, run.tokenizer, splits, probes, persona, run.system_prompt, cfg.eval, drift)
         results["base"] = base
         results["delta"] = {key: results[key] - base[key] for key in table_keys(results)
                             if isinstance(results.get(key), (int, float)) and isinstance(base.get(key), (int, float))}
@@ -173,6 +194,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(format_comparison(results) if cfg.compare_base else format_table(results))
+    if drift:
+        holds = {key: results[key] for key in HOLD_KEYS}
+        print("\n" + format_drift_table(results["drift"], holds))
+        if cfg.compare_base:
+            print("\nbase (adapter off) " + format_drift_table(base["drift"], {key: base[key] for key in HOLD_KEYS}))
+        if run.adapter == DEFAULT_ADAPTER:  # the run's own adapter: its W&B run (if it has one) gets the holds
+            update_run_summary(run_dir, run.cfg, holds)
     print(f"\n{len(results['replies'])} probe replies and all metrics written to {path}")
     return results
 

@@ -21,6 +21,11 @@ README (see lyra.gguf):
     python -m lyra.export run_dir=R output_dir=D format=gguf                 # D/model-f16.gguf
     python -m lyra.export run_dir=R output_dir=D format=gguf gguf.type=q8_0  # D/model-q8_0.gguf
     ollama create lyra -f D/Modelfile && ollama run lyra
+
+format=card writes the persona as a Character Card V2 (SillyTavern and other role-play frontends):
+D/<name>.json and D/<name>.png (`chara` chunk), no weights read (lyra.persona.cards, docs/cards.md):
+
+    python -m lyra.export run_dir=R output_dir=D format=card
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from lyra.paths import resolve_user_path
 log = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "lyra_export.json"
-FORMATS = ("safetensors", "gguf")
+FORMATS = ("safetensors", "gguf", "card")
 
 
 def export_dtype(name: str):
@@ -90,6 +95,8 @@ def export(cfg: DictConfig) -> Path:
             raise UserError(key, "is required: python -m lyra.export run_dir=<training output dir> output_dir=<new dir>")
     if cfg.format not in FORMATS:
         raise UserError("format", f"{cfg.format!r} is not one of {', '.join(FORMATS)}")
+    if cfg.format == "card":
+        return _export_card(cfg)
     if cfg.format == "gguf":
         from lyra.gguf import check_gguf_type
 
@@ -158,6 +165,21 @@ def export(cfg: DictConfig) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     print(f"merged model written to {output_dir}" + (f" ({cfg.format})" if gguf_target is not None else ""))
+    return output_dir
+
+
+def _export_card(cfg: DictConfig) -> Path:
+    """format=card: the run's persona as a Character Card V2, JSON and PNG (lyra.persona.cards)."""
+    from lyra.persona.cards import write_run_card
+    from lyra.runs import run_dir_path
+
+    run_dir = run_dir_path(cfg.run_dir)
+    output_dir = resolve_user_path(cfg.output_dir)
+    check_output_dir(output_dir, run_dir, cfg.overwrite)
+    files, notes = write_run_card(run_dir, output_dir)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"character card written to {', '.join(str(path) for path in files)}")
     return output_dir
 
 

@@ -5,6 +5,9 @@
     metrics, rows = run_probes(model, tokenizer, probes, persona, system_prompt, generation, batch_size=8)
 
 The persona metrics and their text checks live in `lyra.persona` (no transformers import there).
+A probe line is {"id", "prompt"} plus, optionally, "checks": the persona checks it tests ("name",
+"address", "language"); its reply then counts only in those rates (untagged: in every rate).
+Drift over long chats (the probes chained turn after turn) is lyra.drift.
 
 `PersonaProbeCallback` runs the probes during training (conf/eval/probes.yaml) every
 `eval.probes_every`-th Trainer evaluation and once at the end, logs `probe/*` metrics and a
@@ -26,7 +29,7 @@ from transformers import TrainerCallback
 
 from lyra.errors import UserError
 from lyra.paths import resolve_user_path
-from lyra.persona import persona_metrics
+from lyra.persona import checked_counts, persona_metrics, unknown_checks
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ WANDB_PREFIX = "probe/"
 class Probe:
     id: str
     prompt: str
+    checks: tuple[str, ...] | None = None  # the persona checks it tests (lyra.persona.CHECKS); None = all
 
 
 def probes_path(eval_cfg: DictConfig, persona: Mapping) -> Path:
@@ -51,7 +55,7 @@ def _probes_key(eval_cfg: DictConfig) -> str:
 
 
 def load_probes(path: Path, key: str = "eval.probes_file") -> list[Probe]:
-    """Probe prompts from a JSONL of {"id", "prompt"}; a bad line is one error naming FILE:LINE."""
+    """Probe prompts from a JSONL of {"id", "prompt"} (+ "checks"); a bad line is one error naming FILE:LINE."""
     if not path.is_file():
         raise UserError(key, f"file not found: {path}")
     probes = []
@@ -65,7 +69,11 @@ def load_probes(path: Path, key: str = "eval.probes_file") -> list[Probe]:
             raise UserError(key, f"{path}:{number}: expected {{\"id\", \"prompt\"}} ({type(error).__name__}: {error})") from None
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError(key, f"{path}:{number}: prompt must be a non-empty string")
-        probes.append(Probe(str(record.get("id", f"{path.stem}-{number}")), prompt))
+        checks = record.get("checks")
+        if checks is not None and (problem := unknown_checks(checks)):
+            raise UserError(key, f"{path}:{number}: {problem}")
+        probes.append(Probe(str(record.get("id", f"{path.stem}-{number}")), prompt,
+                            None if checks is None else tuple(dict.fromkeys(checks))))
     if not probes:
         raise UserError(key, f"{path} holds no probes")
     return probes
@@ -115,9 +123,14 @@ def run_probes(model, tokenizer, probes: Sequence[Probe], persona: Mapping, syst
 
     prompts = [build_prompt_ids(p.prompt, tokenizer, system_prompt=system_prompt) for p in probes]
     replies = generate_in_batches(prompts, model, tokenizer, batch_size, **generation)
-    rows = [{"id": p.id, "prompt": p.prompt, "reply": r.text, "ended_by_eos": r.ended_by_eos,
-             "think_leak": r.think_leak} for p, r in zip(probes, replies)]
-    return persona_metrics(replies, persona), rows
+    rows = [{"id": p.id, "prompt": p.prompt, "checks": None if p.checks is None else list(p.checks), "reply": r.text,
+             "ended_by_eos": r.ended_by_eos, "think_leak": r.think_leak} for p, r in zip(probes, replies)]
+    return persona_metrics(replies, persona, [p.checks for p in probes]), rows
+
+
+def probes_per_rate(probes: Sequence[Probe], persona: Mapping) -> dict[str, int]:
+    """How many of `probes` each checked rate is computed over (tagged probes count only in theirs)."""
+    return checked_counts([p.checks for p in probes], str(persona["language"]))
 
 
 # ---------------------------------------------------------------- training-time probes

@@ -6,6 +6,8 @@
 
 Each run dir is found by its `metrics.json` (completed), `failed.json` (failed, see lyra.sweep) or
 `.hydra/` (started, never finished). Used by the sweep summary (lyra.sweep) and `python -m lyra.compare`.
+A run's `evaluation.json` (python -m lyra.evaluate drift.turns=N) adds the drift holds (persona_hold,
+lyra.persona.HOLD_KEYS) that training does not measure; metrics.json keeps every key it has.
 """
 
 from __future__ import annotations
@@ -74,10 +76,20 @@ def find_run_dirs(root: Path, depth: int = 0) -> list[Path]:
     return found
 
 
+def evaluated_holds(run_dir: Path) -> dict[str, float]:
+    """The drift holds lyra.evaluate wrote to the run's evaluation.json (none without drift.turns)."""
+    from lyra.persona import HOLD_KEYS
+
+    evaluation = read_json(run_dir / "evaluation.json")
+    return {key: evaluation[key] for key in HOLD_KEYS if isinstance(evaluation.get(key), (int, float))}
+
+
 def read_run(run_dir: Path, label: str) -> Run:
     metrics = read_json(run_dir / "metrics.json")
     failed = read_json(run_dir / "failed.json") if (run_dir / "failed.json").exists() else None
     status = "failed" if failed is not None else "completed" if metrics else "incomplete"
+    if metrics:
+        metrics = {**evaluated_holds(run_dir), **metrics}
     overrides = _read_overrides(run_dir) or (failed or {}).get("overrides", [])
     error = f"{failed.get('error_type')}: {failed.get('error')}" if failed is not None else None
     return Run(path=run_dir, label=label, status=status, overrides=overrides, metrics=metrics, error=error)
@@ -130,10 +142,11 @@ def varying_keys(runs: list[Run]) -> list[str]:
 
 
 def persona_keys(runs: list[Run]) -> list[str]:
-    """The persona probe metrics (lyra.persona) that at least one run reports."""
-    from lyra.persona import PERSONA_METRICS
+    """The persona probe metrics and drift holds (lyra.persona) that at least one run reports."""
+    from lyra.persona import HOLD_KEYS, PERSONA_METRICS
 
-    return [key for key in PERSONA_METRICS if any(isinstance(run.metrics.get(key), (int, float)) for run in runs)]
+    return [key for key in (*PERSONA_METRICS, *HOLD_KEYS)
+            if any(isinstance(run.metrics.get(key), (int, float)) for run in runs)]
 
 
 def short_key(key: str) -> str:

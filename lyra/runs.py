@@ -200,6 +200,9 @@ def build_run_base(cfg: DictConfig, device: str | None = None, quantized: bool =
     from lyra.config import bitsandbytes_problem
     from lyra.modeling import build_model, build_quantization, resolve_dtype
 
+    from lyra.threads import use_free_cores
+
+    use_free_cores()  # CPU: one torch thread per idle core (lyra.threads); OMP_NUM_THREADS overrides
     dtype = dtype or resolve_dtype(cfg.model.dtype)
     quantization_config = build_quantization(cfg.quantization, dtype) if quantized else None
     if quantization_config is not None:

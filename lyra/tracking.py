@@ -13,6 +13,9 @@ Only rank 0 of a multi-process job opens a run (`lyra.train`).
 
 Offline (no API key) runs are uploaded later with `wandb sync <run_dir>/wandb/offline-run-*`,
 and browsed locally with `wandb leet <run_dir>/wandb` (or `wandb leet <sweep_dir>/<job>/wandb`).
+`update_run_summary` adds later measurements (lyra.evaluate's persona_hold) to a finished job's run:
+it resumes the run by its id, offline as another `offline-run-*` dir of the same id that the same
+`wandb sync` glob uploads into that run.
 """
 
 from __future__ import annotations
@@ -145,6 +148,35 @@ def finish_run(run, summary: dict[str, Any], adapter_dir: Path | None = None) ->
     if adapter_dir is not None:
         log_adapter(run, adapter_dir)
     run.finish()
+
+
+def job_run_id(run_dir: Path) -> tuple[str, bool] | None:
+    """(id, was offline) of the W&B run the job opened, from its `<run_dir>/wandb/[offline-]run-<time>-<id>` dir."""
+    found = sorted((path.name.split("-")[-2], path.name.rsplit("-", 1)[1], path.name.startswith("offline-"))
+                   for path in (run_dir / "wandb").glob("*run-*-*") if path.is_dir() and not path.is_symlink())
+    return (found[0][1], found[0][2]) if found else None  # the earliest: the training run itself
+
+
+def update_run_summary(run_dir: Path, run_cfg: DictConfig, summary: dict[str, Any]) -> bool:
+    """Add `summary` (None values left out) to the job's W&B run, if it had one; False when it had none."""
+    found = job_run_id(run_dir) if run_cfg.get("logger") else None
+    if found is None:
+        log.info("the run has no W&B run (logger=none or no %s): W&B summary not updated", run_dir / "wandb")
+        return False
+    import wandb
+
+    run_id, offline = found
+    mode = "offline" if offline or not has_wandb_api_key() else "online"
+    if _USER_DATA_DIR is None:
+        os.environ["WANDB_DATA_DIR"] = str(run_dir / "wandb")
+    run = wandb.init(project=run_cfg.logger.project, entity=run_cfg.logger.entity, id=run_id, resume="allow",
+                     dir=str(run_dir), mode=mode, reinit="create_new",
+                     settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+    run.summary.update({key: value for key, value in summary.items() if value is not None})
+    run.finish()
+    log.info("W&B run %s (%s): summary updated with %s%s", run_id, mode, ", ".join(summary),
+             f"; upload with: wandb sync {run_dir / 'wandb'}/offline-run-*" if mode == "offline" else "")
+    return True
 
 
 def fail_run(run, error: BaseException) -> None:

@@ -41,8 +41,7 @@ def main() -> None:
     from lyra.paths import compose_config
     from lyra.modeling import apply_lora, build_model, build_quantization, build_tokenizer, resolve_dtype
     from lyra.data.collate import build_collator
-    from lyra.data.tokenization import IGNORE_INDEX
-    from lyra.loss import head_sees_only, shifted_targets, supervised_cross_entropy
+    from lyra.loss import supervised_loss
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -59,12 +58,7 @@ def main() -> None:
         variants[name] = (model, optimizer, build_collator(tokenizer, model, padding_free=False))
 
     def step(model, optimizer, collator, features) -> float:
-        batch = collator(features)
-        targets = shifted_targets(batch.pop("labels"))
-        keep = targets != IGNORE_INDEX
-        with head_sees_only(model.get_output_embeddings(), keep):
-            logits = model(**batch).logits
-        loss = supervised_cross_entropy(logits, targets[keep], None)
+        loss, _ = supervised_loss(model, model.get_output_embeddings(), collator(features), fused=False)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

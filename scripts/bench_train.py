@@ -598,7 +598,7 @@ def unavailable(variant: str, args) -> str | None:
         return f"`{module}` is not installed (pip install -e '.[bench]')"
     if variant == "llamafactory" and not args.llamafactory_python and importlib.util.find_spec("llamafactory") is None:
         return ("llamafactory is not installed: it pins transformers<=5.6, trl<=0.24, peft<=0.18.1, so install it "
-                "in its own venv and pass --llamafactory-python (see README, Performance)")
+                "in its own venv and pass --llamafactory-python (see docs/performance.md)")
     return None
 
 

@@ -11,7 +11,9 @@ lyra_en_*.jsonl, checked by `english_problems` below. Each `NN_<topic>.txt` hold
 conversations in the `lyra.data` txt format (您： / 萊拉：, or User: / Lyra:), one topic per file.
 Every 7th single-turn and every 7th multi-turn conversation of a file (index 3, 10, 17, ... of each)
 goes to the eval split, so both splits cover every topic and mix. Probes (`probes.txt`, one prompt
-per line) are single user turns that appear in neither split. The checks are the corpus
+per line) are single user turns that appear in neither split; a `#checks: name, address, language`
+line tags the probes after it with the persona checks they test (lyra.persona.CHECKS; `#checks:`
+alone = untagged), written as the probe's "checks". The checks are the corpus
 requirements; tests/test_corpus.py and tests/test_corpus_en.py run them again on the shipped files.
 """
 
@@ -29,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lyra.data.corpus import corpus_problems, opening, shape_problems  # noqa: E402
-from lyra.data.formats import Conversation, read_conversations  # noqa: E402
+from lyra.data.formats import read_conversations  # noqa: E402
+from lyra.data.records import Conversation  # noqa: E402
 from lyra.data.txt import to_seed_record, write_jsonl_atomic  # noqa: E402
 
 ASSETS = REPO / "lyra" / "data" / "assets"
@@ -137,9 +140,25 @@ def split_topics(topics: dict[str, list[Conversation]]) -> tuple[list[Conversati
     return sorted(train, key=lambda c: order[c.id]), sorted(evaluation, key=lambda c: order[c.id])
 
 
-def load_probe_sources(corpus: Corpus = CORPORA["lyra"]) -> list[str]:
-    lines = (corpus.sources / "probes.txt").read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+def load_probe_sources(corpus: Corpus = CORPORA["lyra"]) -> list[tuple[str, list[str] | None]]:
+    """(prompt, checks) per probe line; `#checks: a, b` tags the lines after it (lyra.persona.CHECKS)."""
+    from lyra.persona import unknown_checks
+
+    path = corpus.sources / "probes.txt"
+    probes, checks = [], None
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if line.startswith("#checks:"):
+            checks = [name.strip() for name in line.removeprefix("#checks:").split(",") if name.strip()] or None
+            if checks is not None and (problem := unknown_checks(checks)):
+                sys.exit(f"{path}:{number}: {problem}")
+        elif line and not line.startswith("#"):
+            probes.append((line, checks))
+    return probes
+
+
+def probe_record(index: int, prompt: str, checks: list[str] | None) -> dict:
+    return {"id": f"probe-{index:03d}", "prompt": prompt, **({"checks": checks} if checks is not None else {})}
 
 
 def build(persona: str = "lyra") -> tuple[dict[str, list[dict]], list[str], str]:
@@ -147,10 +166,11 @@ def build(persona: str = "lyra") -> tuple[dict[str, list[dict]], list[str], str]
     corpus = CORPORA[persona]
     topics = load_topics(corpus)
     train, evaluation = split_topics(topics)
-    probes = load_probe_sources(corpus)
+    tagged = load_probe_sources(corpus)
+    probes = [prompt for prompt, _ in tagged]
     records = {f"{corpus.prefix}_train.jsonl": [to_seed_record(c) for c in train],
                f"{corpus.prefix}_eval.jsonl": [to_seed_record(c) for c in evaluation],
-               f"{corpus.prefix}_probes.jsonl": [{"id": f"probe-{i:03d}", "prompt": p} for i, p in enumerate(probes)]}
+               f"{corpus.prefix}_probes.jsonl": [probe_record(i, *probe) for i, probe in enumerate(tagged)]}
     return records, corpus.problems(train, evaluation, probes), report(train, evaluation, topics, probes, corpus)
 
 

@@ -2,7 +2,7 @@
 # Install lyra, its test tools and exactly the versions CI proved (constraints.txt) into the current
 # Python (3.11+): a virtualenv (README), Colab's own Python, or a cluster module. Safe to re-run.
 #   bash scripts/setup.sh
-# Refresh the pins after changing dependencies: see "Pinned versions" in the README.
+# Refresh the pins after changing dependencies: see "Pinned versions" in docs/index.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pins=(--constraint constraints.txt)

@@ -17,6 +17,8 @@ from lyra.data import corpus_file
 from lyra.data.corpus import (MIN_EVAL, MIN_PROBES, MIN_TRAIN, corpus_problems, load_probes, load_split,
                               opening, says_i, sentences)
 from lyra.data.zh_tw import non_taiwan_variants, simplified_only_characters
+from lyra.persona import unknown_checks
+from lyra.probes import load_probes as load_probe_file
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +53,15 @@ def test_no_duplicate_replies_or_user_messages(train, evaluation):
         assert duplicates == [], role
 
 
-def test_probes_keep_the_id_prompt_schema():
+def test_probes_keep_the_id_prompt_schema_and_say_what_they_check():
     rows = [json.loads(line) for line in corpus_file("probes").read_text(encoding="utf-8").splitlines()]
     assert len(rows) >= MIN_PROBES
-    assert all(set(row) == {"id", "prompt"} and row["prompt"].strip() for row in rows)
+    assert all(set(row) == {"id", "prompt", "checks"} and row["prompt"].strip() for row in rows)
     assert len({row["id"] for row in rows}) == len({row["prompt"] for row in rows}) == len(rows)
+    assert all(unknown_checks(row["checks"]) is None and {"address", "language"} <= set(row["checks"]) for row in rows)
+    named = [row["prompt"] for row in rows if "name" in row["checks"]]
+    assert "你好，你是誰？" in named and "教我煮一碗好吃的味噌湯" not in named and len(named) < len(rows)
+    assert [probe.checks for probe in load_probe_file(corpus_file("probes"))] == [tuple(r["checks"]) for r in rows]
 
 
 def test_the_simplified_check_uses_opencc_and_spares_shared_characters():

@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO_ROOT
 from lyra.data import corpus_file
 from lyra.data.formats import load_conversations
+from lyra.persona import unknown_checks
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +78,14 @@ def test_no_duplicate_replies_or_near_duplicate_user_messages(build_corpus, trai
     assert not {build_corpus.normalized(p["prompt"]) for p in probes} & set(users)
 
 
-def test_probes_keep_the_id_prompt_schema(probes):
+def test_probes_keep_the_id_prompt_schema_and_say_what_they_check(probes):
     assert len(probes) >= 30
-    assert all(set(row) == {"id", "prompt"} and row["prompt"].strip() for row in probes)
+    assert all(set(row) == {"id", "prompt", "checks"} and row["prompt"].strip() for row in probes)
     assert len({row["id"] for row in probes}) == len({row["prompt"] for row in probes}) == len(probes)
+    assert all(unknown_checks(row["checks"]) is None and {"address", "language"} <= set(row["checks"])
+               for row in probes)
+    named = [row["prompt"] for row in probes if "name" in row["checks"]]
+    assert "Please introduce yourself." in named and "How do I make pancakes from scratch?" not in named
 
 
 def test_persona_rules(build_corpus, train, evaluation):

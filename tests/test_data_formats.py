@@ -13,7 +13,7 @@ import pytest
 
 from lyra.data import Conversation, load_conversations, read_conversations
 from lyra.data.__main__ import main as data_cli
-from lyra.data.formats import MAX_REPORTED_PROBLEMS
+from lyra.data.records import MAX_REPORTED_PROBLEMS
 from lyra.data.txt import to_seed_record
 from lyra.errors import UserError
 
@@ -33,8 +33,10 @@ MALFORMED = {
     "invalid_json": ('{"conversations": [{"from": "user", "value": "嗨"}',
                      "invalid JSON at column 50: Expecting ',' delimiter"),
     "not_an_object": ('["user", "嗨"]', "expected a JSON object, got an array"),
-    "missing_conversations": ('{"id": 7, "dialogue": []}', 'missing "conversations" (or OpenAI "messages", alpaca "instruction"/"output", '
-                              'Firefly "conversation")'),
+    "missing_conversations": ('{"id": 7, "dialog": []}', 'not a conversation shape lyra reads (keys: "dialog", "id"); '
+                              'closest known format: seed/ShareGPT {"conversations": [{"from": "user"|"assistant"|"system", '
+                              '"value": "..."}]}: put the turns in "conversations" as {"from": "user"|"assistant", '
+                              '"value": TEXT}'),
     "conversation_not_a_list": ('{"conversations": {"from": "user", "value": "嗨"}}',
                                 '"conversations" must be a list of messages, got an object'),
     "message_without_role": ('{"conversations": [{"value": "嗨"}, {"from": "assistant", "value": "好"}]}',
@@ -93,11 +95,14 @@ def test_json_array_problems_point_at_the_element_line(tmp_path):
     assert problem_lines(broken) == [f"{broken}:3: invalid JSON at column 3: expected ',' or ']' between conversations"]
 
 
-def test_a_pretty_printed_json_object_is_one_clear_problem(tmp_path):
+def test_a_pretty_printed_json_object_is_one_record(tmp_path):
     path = tmp_path / "one.json"
-    path.write_text(json.dumps(json.loads(GOOD), indent=2), encoding="utf-8")
-    assert problem_lines(path) == [f"{path}:1: a .json file must hold an array of conversations (or JSON Lines), "
-                                   "got an object spanning several lines"]
+    path.write_text(json.dumps(json.loads(GOOD), indent=2, ensure_ascii=False), encoding="utf-8")
+    assert [c.id for c in load_conversations(path)] == ["ok"]
+    saved_as = tmp_path / "one.jsonl"
+    saved_as.write_text(json.dumps(json.loads(GOOD), indent=2), encoding="utf-8")
+    assert problem_lines(saved_as) == [f"{saved_as}:1: this .jsonl holds one JSON object spanning 13 lines, not one "
+                                       "object per line: rename it to one.json"]
 
 
 MESSAGES = [{"role": "system", "content": "你是萊拉"}, {"role": "user", "content": "你好"},
@@ -133,7 +138,7 @@ def test_openai_text_parts_are_joined(tmp_path):
     assert load_conversations(path)[0].messages[0] == {"role": "user", "content": "你好"}
 
 
-def test_on_invalid_error_lists_the_first_20_problems(tmp_path):
+def test_the_same_problem_on_many_records_is_one_line_with_a_count(tmp_path):
     bad = MALFORMED["unknown_role"][0]
     path = write_lines(tmp_path / "mixed.jsonl", GOOD, *[bad] * 25)
     with pytest.raises(UserError) as raised:
@@ -142,8 +147,19 @@ def test_on_invalid_error_lists_the_first_20_problems(tmp_path):
     assert raised.value.key == "data.train_file"
     assert lines[0] == f"25 problem(s) in {path} (fix them or set data.on_invalid=skip):"
     assert lines[1].startswith(f"{path}:2: message 1 has unknown role")
-    assert lines[MAX_REPORTED_PROBLEMS].startswith(f"{path}:21: ")
-    assert lines[-1] == "... and 5 more (run `python -m lyra.data validate FILE` for all)"
+    assert lines[1].endswith("(25 times: lines 2, 3, 4, ...)")
+    assert len(lines) == 2
+
+
+def test_on_invalid_error_lists_at_most_20_kinds_of_problem(tmp_path):
+    kinds = [f'{{"conversations": [{{"from": "bot{"x" * n}", "value": "a"}}]}}' for n in range(25)]
+    path = write_lines(tmp_path / "mixed.jsonl", GOOD, *kinds, *kinds)
+    with pytest.raises(UserError) as raised:
+        load_conversations(path, key="data.train_file")
+    lines = raised.value.message.splitlines()
+    assert len(lines) == 1 + MAX_REPORTED_PROBLEMS
+    assert lines[1].endswith("(2 times: lines 2, 27)")
+    assert lines[-1].startswith("... and 12 more problem(s) of 6 other kind(s)")
 
 
 def test_on_invalid_skip_keeps_the_rest_and_reports_the_count(tmp_path, caplog):
@@ -207,3 +223,31 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys):
     assert exited.value.code == 2
     assert capsys.readouterr().err == ("lyra: error: --split: selects a split of the embedded corpus; "
                                        "drop it when giving FILE\n")
+
+
+def test_an_explicit_empty_system_prompt_trains_without_one(tmp_path, tokenizer, capsys):
+    from omegaconf import OmegaConf
+
+    from lyra.data import build_datasets
+
+    turns = [{"from": "user", "value": "嗨"}, {"from": "assistant", "value": "主人好！"}]
+    path = write_lines(tmp_path / "empty_system.jsonl",
+                       json.dumps({"id": "top", "system": "", "conversations": turns}, ensure_ascii=False),
+                       json.dumps({"id": "message", "messages": [{"role": "system", "content": ""},
+                                                                 {"role": "user", "content": "嗨"},
+                                                                 {"role": "assistant", "content": "主人好！"}]},
+                                  ensure_ascii=False),
+                       json.dumps({"id": "none", "conversations": turns}, ensure_ascii=False))
+    conversations = load_conversations(path)
+    assert [(c.id, c.no_system_prompt, c.messages[0]["role"]) for c in conversations] == [
+        ("top", True, "user"), ("message", True, "user"), ("none", False, "user")]
+    data_cfg = OmegaConf.create({"train_file": str(path), "eval_file": None, "on_invalid": "error",
+                                 "max_length": 256, "system_prompt": "你是萊拉"})
+    splits = build_datasets(data_cfg, tokenizer)
+    assert splits.system_prompt_inserted == 1
+    prompts = [tokenizer.decode(example["input_ids"]) for example in splits.train]
+    assert ["你是萊拉" in prompt for prompt in prompts] == [False, False, True]
+    assert data_cli(["validate", str(path), "--system-prompt", "你是萊拉"]) == 0
+    err = capsys.readouterr().err
+    assert "2 conversations with an explicit empty system prompt, kept without one" in err
+    assert "data.system_prompt inserted into 1 of 3 conversation(s)" in err

@@ -58,9 +58,10 @@ INVALID = {
         "(enable_thinking=False); remove the field, or move what should be said into the reply"],
     "maid_labels.txt": [
         "1: unknown role label \"主人\"; map it to user or assistant: --label 主人=user for python -m lyra.data, "
-        "data.labels='{主人: user}' for training",
-        "4: unknown role label \"主人\"; map it to user or assistant: --label 主人=user for python -m lyra.data, "
-        "data.labels='{主人: user}' for training"],
+        "data.labels='{主人: user}' for training (2 times: lines 1, 4)",
+        "2: \"女僕:\" starts like a speaker label that maps to no role; map it: --label 女僕=user for python -m "
+        "lyra.data, data.labels='{女僕: user}' for training (or assistant, for the character to train), or indent "
+        "the line if it continues the previous message (2 times: lines 2, 5)"],
 }
 
 

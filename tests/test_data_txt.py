@@ -62,7 +62,7 @@ def test_every_label_colon_comment_and_id(tmp_path):
                        "USER：hi\r\n"
                        "Assistant:\r\n"
                        "第一行\r\n"
-                       "注意：這行不是標籤\r\n"
+                       "  注意：這行不是標籤（縮排：接續上一句）\r\n"
                        "\r\n"
                        "user: 你是誰\r\n"
                        "萊拉：萊拉是女僕助理。\r\n".encode())
@@ -73,7 +73,7 @@ def test_every_label_colon_comment_and_id(tmp_path):
                                              {"from": "assistant", "value": "主人早安！"}]},
         {"id": "labels-0002", "conversations": [{"from": "system", "value": "be kind"},
                                                 {"from": "user", "value": "hi"},
-                                                {"from": "assistant", "value": "第一行\n注意：這行不是標籤"}]},
+                                                {"from": "assistant", "value": "第一行\n  注意：這行不是標籤（縮排：接續上一句）"}]},
         {"id": "labels-0003", "conversations": [{"from": "user", "value": "你是誰"},
                                                 {"from": "assistant", "value": "萊拉是女僕助理。"}]},
     ]
@@ -146,3 +146,46 @@ def test_txt_files_are_read_and_validated_like_jsonl(tmp_path, capsys):
     assert [c.id for c in read_conversations(broken)[0]] == ["broken-0002"]  # the broken one is left out
     assert data_cli(["validate", str(source)]) == 1
     assert capsys.readouterr().out.startswith(f"{source}:10: ")
+
+
+def test_an_unmapped_speaker_in_the_middle_of_a_conversation_is_an_error_at_its_line(tmp_path, capsys):
+    source = tmp_path / "intruder.txt"
+    source.write_text("user: 早安\n"
+                      "assistant: 主人早安！\n"
+                      "user: 今天要做什麼？\n"
+                      "Bob: I am an intruder\n"                  # 4: glued onto nothing, reported here
+                      "assistant: 先喝茶吧。\n"
+                      "  Note: an indented line continues the reply\n"
+                      "\n"
+                      "user: 再見\n"
+                      "assistant: 主人慢走～\n", encoding="utf-8")
+    conversations, problems = read_conversations(source)
+    assert [str(p) for p in problems] == [
+        f'{source}:4: "Bob:" starts like a speaker label that maps to no role; map it: --label Bob=user for '
+        "python -m lyra.data, data.labels='{Bob: user}' for training (or assistant, for the character to train), "
+        "or indent the line if it continues the previous message"]
+    assert [c.messages[-1]["content"] for c in conversations] == ["主人慢走～"]  # the damaged one is left out
+    assert data_cli(["validate", str(source)]) == 1
+    assert capsys.readouterr().out.startswith(f"{source}:4: ")
+    conversations, problems = read_conversations(source, labels={"Bob": "user"})
+    assert not problems and conversations[0].messages[3] == {"role": "user", "content": "I am an intruder"}
+    assert conversations[0].messages[4]["content"] == "先喝茶吧。\n  Note: an indented line continues the reply"
+
+
+def test_prose_with_a_colon_is_not_a_speaker(tmp_path):
+    source = tmp_path / "prose.txt"
+    source.write_text("user: 幾點了？\n"
+                      "assistant: 比例是 3:1，網址是\n"
+                      "https://example.com/a:b\n"
+                      "Note that the ratio is 3:1.\n"
+                      "If you can, try this: breathe.\n", encoding="utf-8")
+    conversations, problems = read_conversations(source)
+    assert not problems and conversations[0].assistant_turns == 1
+
+
+def test_start_separators_begin_a_new_conversation(tmp_path):
+    source = tmp_path / "examples.txt"
+    source.write_text("<START>\nuser: 嗨\nassistant: 主人好\n<START>\nuser: 再見\nassistant: 慢走\n", encoding="utf-8")
+    conversations, problems = read_conversations(source)
+    assert not problems
+    assert [[m["content"] for m in c.messages] for c in conversations] == [["嗨", "主人好"], ["再見", "慢走"]]

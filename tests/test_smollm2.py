@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose, template_ids
-from lyra.data.formats import Conversation
+from lyra.data.records import Conversation
 from lyra.data.tokenization import IGNORE_INDEX, chat_prompt_ids, encode_conversation, turn_end_ids, with_system_prompt
 
 PIPPA = Path(__file__).parent / "fixtures" / "pippa"

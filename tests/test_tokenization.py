@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from conftest import template_ids
-from lyra.data.formats import Conversation
+from lyra.data.records import Conversation
 from lyra.data.tokenization import IGNORE_INDEX, chat_prompt_ids, encode_conversation, with_system_prompt
 
 SYSTEM = "你是萊拉。"

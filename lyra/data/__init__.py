@@ -15,8 +15,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lyra.data.formats import (Conversation, Problem, check_problems, load_checked, load_conversations,
-                               read_conversations)
+from lyra.data.formats import check_problems, load_checked, load_conversations, read_conversations
+from lyra.data.records import Conversation, Problem
 from lyra.data.prepare import DUPLICATE_WARNING_SHARE, prepare_file
 from lyra.data.tokenization import EncodeStats, encode_conversations
 from lyra.data.txt import convert_txt_to_jsonl, label_table

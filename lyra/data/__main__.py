@@ -2,6 +2,7 @@
 
     python -m lyra.data convert IN.txt OUT.jsonl [--label Guest=user]
     python -m lyra.data validate FILE [FILE ...]        # exit 0 trainable, 1 with FILE:LINE problems
+    python -m lyra.data validate chat.jsonl --label Kyon=user --label Haruhi=assistant   # speaker names
     python -m lyra.data stats [FILE] [--split eval] [--max-length N] [--json]
 
 `validate` and `stats` read and encode a file exactly as training does (`lyra.data.prepare`): a
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 from lyra.data import corpus_file
-from lyra.data.formats import format_problems
+from lyra.data.records import format_problems
 from lyra.data.txt import convert_txt_to_jsonl, parse_label_options
 from lyra.errors import UserError, exit_on_user_error
 
@@ -31,7 +32,7 @@ def _existing_file(value: str) -> Path:
 
 def _add_label_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", action="append", default=[], metavar="LABEL=ROLE",
-                        help="extra .txt role label, e.g. Guest=user or Maid=assistant (repeatable)")
+                        help="extra .txt role label or speaker name, e.g. Guest=user or Maid=assistant (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +100,7 @@ def run_validate(args) -> int:
         problems = prepared.problems
         if problems:
             failed = True
-            print(format_problems(problems, limit=None))
+            print(format_problems(problems))  # grouped, at most MAX_REPORTED_PROBLEMS lines per file
         for note in prepared.notes():
             print(note, file=sys.stderr)
         if problems:

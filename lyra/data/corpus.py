@@ -16,7 +16,8 @@ import re
 from collections import Counter
 
 from lyra.data import corpus_file
-from lyra.data.formats import Conversation, load_conversations
+from lyra.data.formats import load_conversations
+from lyra.data.records import Conversation
 from lyra.data.zh_tw import non_taiwan_variants, simplified_only_characters
 
 MIN_TRAIN, MIN_EVAL, MIN_PROBES, MIN_MULTI_TURN_SHARE = 400, 60, 40, 0.4
@@ -45,7 +46,7 @@ def load_split(split: str) -> list[Conversation]:
 
 
 def load_probes() -> list[str]:
-    """The embedded persona probes (`{"id", "prompt"}` per line), prompts only."""
+    """The embedded persona probes (`{"id", "prompt", "checks"}` per line), prompts only."""
     lines = corpus_file("probes").read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["prompt"] for line in lines if line.strip()]
 

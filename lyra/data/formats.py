@@ -1,25 +1,25 @@
-"""Reading conversation files into one internal type, `Conversation`, with exact problem locations.
+"""Reading conversation files: which reader a file goes to, and what a problem costs (the error policy).
 
     from lyra.data.formats import load_conversations, read_conversations, read_file
     conversations = load_conversations("my_dialogues.jsonl")             # UserError on any problem
     conversations, problems = read_conversations("my_dialogues.jsonl")  # everything, for `validate`
-    report = read_file("my_dialogues.json")     # + ignored fields, for `validate`, `stats` and training
+    report = read_file("chat.jsonl", labels={"Kyon": "user"})  # + ignored fields and counts, for every front end
 
-Accepted, in `.jsonl` (one object per line) or `.json` (a top-level array), UTF-8 with or without
-a BOM, LF or CRLF, blank lines ignored (the README's Data section has a one-line example of each):
-    seed      {"id": ..., "conversations": [{"from": "system"|"user"|"assistant", "value": "..."}]}
-    ShareGPT  {"conversations": [{"from": "human"|"gpt"|"function_call"|"observation", "value": ...}],
-               "system": "...", "tools": [...] or "[...]"}
-    OpenAI    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..." or text parts,
-               "tool_calls": [...], "weight": 0|1}], "tools": [...]}
-    alpaca    {"instruction": ..., "input": ..., "output": ..., "system": ..., "history": [[q, a], ...]}
-    Firefly   {"conversation": [{"human": ..., "assistant": ...}], "system": ...}
-and the plain-text transcript format of `lyra.data.txt` (`.txt` files).
+Accepted, in `.jsonl` (one object per line) or `.json` (a top-level array, or one object), UTF-8
+with or without a BOM, LF or CRLF, blank lines ignored:
+- the chat family (`lyra.data.dialects.chat`): seed, ShareGPT, OpenAI `messages`, alpaca, Firefly;
+- role-play records (`lyra.data.dialects.roleplay`): PIPPA, text-generation-webui history,
+  ChatHaruhi dialogues and pairs, speaker dialogues, RoleBench;
+- SillyTavern chats (`lyra.data.dialects.sillytavern`): a whole `.jsonl` file is one conversation;
+- plain-text transcripts (`lyra.data.txt`, `.txt` files).
+docs/roleplay-data.md and the README's Data section show each shape.
 
 Every problem is a `Problem` that prints as `FILE:LINE: message`, LINE being the line where the
 offending conversation starts (for a `.json` array: where its element starts). Damage costs only
 the damaged record: a bad line of a `.jsonl` (broken JSON or bytes that are not UTF-8) or a broken
-element of a `.json` array is one problem, and reading goes on after it.
+element of a `.json` array is one problem, and reading goes on after it. A record of no known
+shape is told the closest one and how to convert it; a file that is not conversations at all (a
+character card, an image, an archive) is told so in one line, before any decoding.
 """
 
 from __future__ import annotations
@@ -27,582 +27,138 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from lyra.data.dialects import ReadContext, normalize_record, sillytavern
+from lyra.data.dialects.roleplay import is_character_card
+from lyra.data.jsontext import is_multiline_document, json_array_records, jsonl_records, progress_bar
+from lyra.data.records import (MAX_REPORTED_PROBLEMS, Conversation, FileReport, Problem, decode_lines,
+                               format_problems)
+from lyra.data.txt import parse_txt
 from lyra.errors import UserError
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
-ROLE_ALIASES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant",
-                "tool": "tool", "observation": "tool", "function": "tool", "function_call": "assistant"}
 ON_INVALID = ("error", "skip")
-MAX_REPORTED_PROBLEMS = 20  # data.on_invalid=error shows this many; `validate` shows all
-PROGRESS_BYTES = 4 * 1024 * 1024  # files above this show progress bars (reading, encoding, stats)
 
-# Fields lyra reads; anything else is listed once per file as ignored.
-RECORD_FIELDS = {"id", "conversations", "messages", "conversation", "system", "tools",
-                 "instruction", "input", "output", "history"}
-MESSAGE_FIELDS = {"from", "role", "value", "content", "tool_calls", "function_call", "weight",
-                  "human", "assistant"}
-# Fields that change what a record means; training on the rest of the record would be wrong.
-UNSUPPORTED_RECORD_FIELDS = {
-    "images": "images are not supported (lyra trains text-only chat); drop the field or the record",
-    "image": "images are not supported (lyra trains text-only chat); drop the field or the record",
-    "videos": "videos are not supported (lyra trains text-only chat); drop the field or the record",
-    "audios": "audio is not supported (lyra trains text-only chat); drop the field or the record",
-    "chosen": "a preference pair (chosen/rejected) is not supervised chat; keep the chosen reply as the last "
-              "assistant turn and drop chosen/rejected",
-    "rejected": "a preference pair (chosen/rejected) is not supervised chat; keep the chosen reply as the last "
-                "assistant turn and drop chosen/rejected",
-}
-REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+__all__ = ["read_file", "read_conversations", "load_conversations", "load_checked", "check_problems",
+           "file_type_problem", "ON_INVALID"]
+
+# Magic numbers of files people hand to a data loader by mistake: (prefix, what it is).
+_BINARY_KINDS = ((b"\x1f\x8b", "a gzip archive"), (b"%PDF", "a PDF document"), (b"\xff\xd8\xff", "a JPEG image"),
+                 (b"GIF8", "a GIF image"), (b"PAR1", "a Parquet table"), (b"SQLite format 3\x00", "an SQLite database"),
+                 (b"BZh", "a bzip2 archive"), (b"\xfd7zXZ\x00", "an xz archive"), (b"7z\xbc\xaf\x27\x1c", "a 7z archive"),
+                 (b"ARROW1", "an Arrow table"), (b"\x93NUMPY", "a NumPy array"))
+_CARD_TEXT_CHUNKS = (b"tEXtchara\x00", b"tEXtccv3\x00")  # V2 and V3 cards embedded in a PNG
+_YAML_CHARACTER = re.compile(r"^(name|char_name|context|greeting|char_persona|description|first_mes)\s*:",
+                             re.MULTILINE)
 
 
-@dataclass
-class Conversation:
-    """One dialogue; messages are chat-template dicts {"role", "content"} (+ "tool_calls", "weight").
-
-    `tools` are the function schemas given to the chat template (`tools=`); `line` is where the
-    record starts in its file, for FILE:LINE problems found later (by the encoder).
-    """
-
-    id: str
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    tools: list[dict] | None = None
-    line: int = field(default=0, compare=False)
-
-    @property
-    def assistant_turns(self) -> int:
-        return sum(message["role"] == "assistant" for message in self.messages)
+def card_refusal(path: Path) -> str:
+    return f"this is a character card, not a conversation file: `python -m lyra.persona import {path}`"
 
 
-@dataclass(frozen=True)
-class Problem:
-    """Why one conversation (or the whole file) cannot be used.
-
-    `drops` is how many conversations it costs under data.on_invalid=skip: 1 for a bad record, 0 for a
-    slip that loses nothing (a missing ',' between two intact array elements).
-    """
-
-    path: Path
-    line: int
-    message: str
-    drops: int = field(default=1, compare=False)
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.message}"
+def _not_conversations(what: str) -> str:
+    return f"not a conversation file: {what} (lyra reads conversations from .jsonl, .json and .txt)"
 
 
-@dataclass
-class FileReport:
-    """Everything read from one file: usable conversations, problems, and the fields lyra ignored."""
-
-    path: Path
-    conversations: list[Conversation]
-    problems: list[Problem]
-    ignored_fields: Counter = field(default_factory=Counter)  # "field" or "message.field" -> records
-
-    @property
-    def skipped(self) -> int:
-        return sum(problem.drops for problem in self.problems)
-
-    def ignored_note(self) -> str | None:
-        """One line listing the fields lyra does not train on, or None."""
-        if not self.ignored_fields:
-            return None
-        fields = ", ".join(f'"{name}" ({count})' for name, count in sorted(self.ignored_fields.items()))
-        return f"{self.path}: ignored field(s), not used for training (records): {fields}"
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
-
-
-class _Bad(Exception):
-    """A record that cannot be used; the message says what is wrong and how to fix it."""
-
-
-def _message_text(value: Any, number: int, role: str, key: str) -> str:
-    """A message's text; OpenAI content parts of type text are joined, other parts refused."""
-    if isinstance(value, str):
-        return value
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        texts = []
-        for part in value:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif kind is None:
-                raise _Bad(f'message {number} ({role}): content parts must be objects like '
-                           f'{{"type": "text", "text": "..."}}, got {_type_name(part)}')
-            else:
-                raise _Bad(f'message {number} ({role}): content part of type {json.dumps(kind)} is not supported '
-                           f'(text only); remove the part or the record')
-        return "".join(texts)
-    raise _Bad(f'message {number} ({role}): "{key}" must be a string, got {_type_name(value)}')
-
-
-def _json_value(value: Any) -> Any:
-    """ShareGPT keeps tools and calls as JSON strings; OpenAI as JSON values."""
-    if isinstance(value, str):
-        return json.loads(value)
-    return value
-
-
-def _tool_call(call: Any, number: int) -> dict:
-    """One call as the chat template wants it: {"type": "function", "function": {"name", "arguments"}}."""
-    if isinstance(call, dict) and isinstance(call.get("function"), dict):
-        call = call["function"]
-    if not (isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"]):
-        raise _Bad(f'message {number}: a tool call must be {{"name": "...", "arguments": {{...}}}}, '
-                   f"got {json.dumps(call, ensure_ascii=False)[:80]}")
-    arguments = call.get("arguments", {})
-    try:
-        arguments = _json_value(arguments)
-    except json.JSONDecodeError:
-        raise _Bad(f'message {number}: the arguments of tool call "{call["name"]}" are not valid JSON') from None
-    return {"type": "function", "function": {"name": call["name"], "arguments": arguments}}
-
-
-def _tools(record: dict) -> list[dict] | None:
-    if "tools" not in record or record["tools"] in (None, "", []):
-        return None
-    try:
-        tools = _json_value(record["tools"])
-    except json.JSONDecodeError as error:
-        raise _Bad(f'"tools" is a string that is not valid JSON ({error.msg}); '
-                   "give a list of function schemas") from None
-    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
-        raise _Bad(f'"tools" must be a list of function schemas, got {_type_name(tools)}')
-    if not tools:
-        return None
-    # Qwen3 documents tools in the OpenAI shape; glaive-style bare schemas are wrapped into it.
-    return [tool if "function" in tool else {"type": "function", "function": tool} for tool in tools]
-
-
-def _turns(record: dict) -> tuple[str, list]:
-    """The record's message list, in any accepted format, normalised to role/content dicts."""
-    if "conversations" in record or "messages" in record:
-        key = "conversations" if "conversations" in record else "messages"
-        return key, record[key]
-    if "conversation" in record:  # Firefly: [{"human": ..., "assistant": ...}, ...]
-        pairs = record["conversation"]
-        if not isinstance(pairs, list):
-            raise _Bad(f'"conversation" must be a list of {{"human", "assistant"}} pairs, got {_type_name(pairs)}')
-        turns = []
-        for number, pair in enumerate(pairs, start=1):
-            if not (isinstance(pair, dict) and "human" in pair and "assistant" in pair):
-                raise _Bad(f'"conversation" item {number} must be {{"human": "...", "assistant": "..."}}')
-            turns += [{"role": "user", "content": pair["human"]}, {"role": "assistant", "content": pair["assistant"]}]
-        return "conversation", turns
-    if "instruction" in record or "output" in record:  # alpaca
-        for key in ("instruction", "output"):
-            if not isinstance(record.get(key), str):
-                raise _Bad(f'alpaca record: "{key}" must be a string, got {_type_name(record.get(key))}')
-        extra = record.get("input") or ""
-        if not isinstance(extra, str):
-            raise _Bad(f'alpaca record: "input" must be a string, got {_type_name(extra)}')
-        history = record.get("history") or []
-        if not (isinstance(history, list) and all(isinstance(pair, list) and len(pair) == 2 for pair in history)):
-            raise _Bad('alpaca record: "history" must be a list of [instruction, response] pairs')
-        turns = []
-        for prompt, response in history:
-            turns += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        instruction = record["instruction"]
-        prompt = f"{instruction}\n{extra}" if instruction and extra else instruction or extra
-        return "instruction", [*turns, {"role": "user", "content": prompt},
-                               {"role": "assistant", "content": record["output"]}]
-    raise _Bad('missing "conversations" (or OpenAI "messages", alpaca "instruction"/"output", '
-               'Firefly "conversation")')
-
-
-def _normalize_message(turn: Any, number: int, ignored: Counter) -> dict[str, Any]:
-    if not isinstance(turn, dict):
-        raise _Bad(f"message {number} must be an object, got {_type_name(turn)}")
-    role_key = "from" if "from" in turn else "role" if "role" in turn else None
-    if role_key is None:
-        raise _Bad(f'message {number} has no role ("from" or "role")')
-    raw_role = turn[role_key]
-    role = ROLE_ALIASES.get(raw_role) if isinstance(raw_role, str) else None
-    if role is None:
-        raise _Bad(f"message {number} has unknown role {json.dumps(raw_role, ensure_ascii=False)} "
-                   f"(expected one of {', '.join(ROLE_ALIASES)})")
-    for name in REASONING_FIELDS:
-        if turn.get(name):
-            raise _Bad(f'message {number} ({role}) has "{name}": lyra trains replies without reasoning '
-                       "(enable_thinking=False); remove the field, or move what should be said into the reply")
-    for name in turn:
-        if name not in MESSAGE_FIELDS and name != role_key:
-            ignored[f"message.{name}"] += 1
-    text_key = "value" if "value" in turn else "content" if "content" in turn else None
-    message: dict[str, Any] = {"role": role}
-    calls: list[dict] = []
-    if raw_role == "function_call":  # ShareGPT: the value is the call itself, as JSON
-        try:
-            value = _json_value(turn.get(text_key))
-        except (json.JSONDecodeError, TypeError):
-            raise _Bad(f'message {number} (function_call): "{text_key}" must be JSON like '
-                       '{"name": "...", "arguments": {...}}') from None
-        calls = [_tool_call(call, number) for call in (value if isinstance(value, list) else [value])]
-        text = ""
-    else:
-        if text_key is None and not (turn.get("tool_calls") or turn.get("function_call")):
-            raise _Bad(f'message {number} has no text ("value" or "content")')
-        text = _message_text(turn.get(text_key), number, role, text_key or "content")
-        raw_calls = turn.get("tool_calls") or ([turn["function_call"]] if turn.get("function_call") else [])
-        if raw_calls:
-            if role != "assistant":
-                raise _Bad(f'message {number} ({role}) has tool calls; only assistant messages may call tools')
-            if not isinstance(raw_calls, list):
-                raise _Bad(f'message {number}: "tool_calls" must be a list, got {_type_name(raw_calls)}')
-            calls = [_tool_call(call, number) for call in raw_calls]
-    if "<think>" in text or "</think>" in text:
-        raise _Bad(f"message {number} ({role}) holds a <think> block; lyra trains replies without reasoning "
-                   "(enable_thinking=False): remove it")
-    if not text.strip() and not calls:
-        raise _Bad(f"message {number} ({role}) is empty")
-    message["content"] = text
-    if calls:
-        message["tool_calls"] = calls
-    if "weight" in turn:  # OpenAI fine-tuning: weight 0 = context only, not trained on
-        if turn["weight"] not in (0, 1) or isinstance(turn["weight"], bool):
-            raise _Bad(f'message {number} ({role}): "weight" must be 0 or 1, got {json.dumps(turn["weight"])}')
-        if role != "assistant":
-            raise _Bad(f'message {number} ({role}): "weight" applies to assistant messages only')
-        if turn["weight"] == 0:
-            message["weight"] = 0
-    return message
-
-
-def normalize_record(record: Any, default_id: str, ignored: Counter | None = None
-                     ) -> tuple[Conversation | None, str | None]:
-    """(conversation, None) for a usable record in any accepted format, else (None, why not)."""
-    ignored = ignored if ignored is not None else Counter()
-    try:
-        return _normalize(record, default_id, ignored), None
-    except _Bad as bad:
-        return None, str(bad)
-
-
-def _normalize(record: Any, default_id: str, ignored: Counter) -> Conversation:
-    if not isinstance(record, dict):
-        raise _Bad(f"expected a JSON object, got {_type_name(record)}")
-    for name, why in UNSUPPORTED_RECORD_FIELDS.items():
-        if record.get(name):
-            raise _Bad(f'"{name}": {why}')
-    list_key, turns = _turns(record)
-    if not isinstance(turns, list):
-        raise _Bad(f'"{list_key}" must be a list of messages, got {_type_name(turns)}')
-    if not turns:
-        raise _Bad(f'"{list_key}" is empty')
-    local_ignored: Counter = Counter(name for name in record if name not in RECORD_FIELDS)
-    messages = [_normalize_message(turn, number, local_ignored) for number, turn in enumerate(turns, start=1)]
-    system = record.get("system")
-    if system not in (None, ""):
-        if not isinstance(system, str):
-            raise _Bad(f'"system" must be a string, got {_type_name(system)}')
-        if messages[0]["role"] == "system" and messages[0]["content"] != system:
-            raise _Bad('both a top-level "system" and a first system message, and they differ; keep one')
-        if messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": system})
-    tools = _tools(record)
-    if any(message.get("tool_calls") for message in messages) and not tools:
-        ignored_calls = next(m for m in messages if m.get("tool_calls"))["tool_calls"][0]["function"]["name"]
-        raise _Bad(f'calls the tool "{ignored_calls}" but has no "tools": add the function schemas as "tools" '
-                   "so the model learns them from the prompt it will see")
-    if not any(message["role"] == "assistant" for message in messages):
-        raise _Bad("conversation has no assistant turn (nothing to learn from)")
-    if all(message.get("weight") == 0 for message in messages if message["role"] == "assistant"):
-        raise _Bad('every assistant turn has "weight": 0 (nothing to learn from)')
-    ignored.update(local_ignored)
-    record_id = record.get("id")
-    conversation_id = default_id if record_id is None or isinstance(record_id, (dict, list)) else str(record_id)
-    return Conversation(conversation_id, messages, tools)
-
-
-# ----------------------------------------------------------------------------------------------
-# Bytes -> text, one line at a time, with a hint naming the likely encoding.
-
-# Frequent characters of Chinese prose (both scripts): text decoded with the right codec is full of
-# them, text decoded with the wrong one is not.
-_COMMON_HAN = set("的一是不了人我在有他這这個个們们來来說说為为中大上你到和地也子時时道出要就下得可那以生會会能"
-                  "對对自之過过去還还多麼么心好看天都學学家裡里後后把您請请嗎吗呢吧今日")
-_CANDIDATE_ENCODINGS = (("big5", "BIG5"), ("gbk", "GBK"), ("shift_jis", "SHIFT_JIS"), ("cp1252", "CP1252"))
-
-
-def _guess_encoding(data: bytes) -> str | None:
-    """The likely encoding (iconv name) of bytes that are not UTF-8: Big5, GBK, Shift-JIS or cp1252."""
-    scores = []
-    for codec, name in _CANDIDATE_ENCODINGS:
-        try:
-            text = data.decode(codec)
-        except UnicodeDecodeError:
-            continue
-        if codec == "cp1252":  # decodes almost anything: only when no CJK codec reads familiar text
-            return name if not scores or max(scores)[0] == 0 else max(scores)[1]
-        scores.append((sum(character in _COMMON_HAN for character in text), name))
-    return max(scores)[1] if scores and max(scores)[0] > 0 else None
-
-
-def _encoding_hint(bad: list[bytes], path: Path) -> str:
-    encoding = _guess_encoding(b"\n".join(bad))
-    if encoding is None:
-        return "re-save the file as UTF-8"
-    return (f"it looks like {encoding}: convert the file with "
-            f"`iconv -f {encoding} -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}`")
-
-
-def decode_lines(data: bytes, path: Path) -> tuple[str | None, list[Problem]]:
-    """The file's text (BOM dropped); lines holding bytes that are not UTF-8 become problems and blank.
-
-    None (with one problem) when most of the file is not UTF-8: the whole file is in another encoding.
-    """
-    try:
-        return data.decode("utf-8-sig"), []
-    except UnicodeDecodeError:
-        pass
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    raw_lines = data.split(b"\n")
-    texts, bad = [], []
-    for number, raw in enumerate(raw_lines, start=1):
-        try:
-            texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as error:
-            bad.append((number, raw, error.start))
-            texts.append("")
-    hint = _encoding_hint([raw for _, raw, _ in bad], path)
-    non_blank = sum(1 for raw in raw_lines if raw.strip())
-    if len(bad) * 2 > non_blank:
-        return None, [Problem(path, bad[0][0], f"the file is not UTF-8 ({len(bad)} of {non_blank} lines); {hint}",
-                              drops=len(bad))]
-    problems = [Problem(path, number, f"bytes that are not UTF-8 (0x{raw[start]:02x} at column {start + 1}); {hint}")
-                for number, raw, start in bad]
-    return "\n".join(texts), problems
-
-
-def decode_text(data: bytes, path: Path) -> tuple[str | None, list[Problem]]:
-    """The file's text (BOM dropped), or one problem per line holding bytes that are not UTF-8."""
-    text, problems = decode_lines(data, path)
-    return (None, problems) if problems else (text, [])
-
-
-# ----------------------------------------------------------------------------------------------
-# Text -> records.
-
-def _jsonl_records(text: str, path: Path, progress=None) -> tuple[list[tuple[int, Any]], list[Problem]]:
-    records, problems = [], []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if progress is not None:
-            progress.update(len(line) + 1)
-        if not line.strip():
-            continue
-        try:
-            records.append((line_number, json.loads(line)))
-        except json.JSONDecodeError as error:
-            problems.append(Problem(path, line_number, f"invalid JSON at column {error.colno}: {error.msg}"))
-    return records, problems
-
-
-def _skip_whitespace(text: str, index: int) -> int:
-    while index < len(text) and text[index] in " \t\r\n":
-        index += 1
-    return index
-
-
-class _Lines:
-    """Offsets of line starts, for index -> (line, column) in O(log n)."""
-
-    def __init__(self, text: str):
-        import bisect
-
-        self._bisect = bisect.bisect_right
-        self.starts = [0] + [match.end() for match in re.finditer("\n", text)]
-
-    def line(self, index: int) -> int:
-        return self._bisect(self.starts, index)
-
-    def column(self, index: int) -> int:
-        return index - self.starts[self.line(index) - 1] + 1
-
-
-def _element_end(text: str, start: int) -> int | None:
-    """Where the bracketed value opening at `start` closes, counting brackets outside strings."""
-    depth, in_string, escaped = 0, False, False
-    for index in range(start, len(text)):
-        character = text[index]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif character == "\\":
-                escaped = True
-            elif character == '"':
-                in_string = False
-        elif character == '"':
-            in_string = True
-        elif character in "{[":
-            depth += 1
-        elif character in "}]":
-            depth -= 1
-            if depth == 0:
-                return index + 1
+def file_type_problem(data: bytes, path: Path) -> Problem | None:
+    """One problem for a file that holds no conversations by its type (card, image, archive), else None."""
+    suffix = path.suffix.lower()
+    head = data[:4096]
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        is_card = any(chunk in data for chunk in _CARD_TEXT_CHUNKS)
+        return Problem(path, 1, card_refusal(path) if is_card else _not_conversations("a PNG image"))
+    if data.startswith(b"PK\x03\x04"):
+        if suffix == ".charx" or b"card.json" in data[:65536]:
+            return Problem(path, 1, card_refusal(path))
+        return Problem(path, 1, _not_conversations("a zip archive; unpack it and give the conversation file inside"))
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return Problem(path, 1, f"UTF-16 text; convert it with `iconv -f UTF-16 -t UTF-8 {path.name} > "
+                                f"{path.stem}.utf8{path.suffix}`")
+    for magic, what in _BINARY_KINDS:
+        if data.startswith(magic):
+            return Problem(path, 1, _not_conversations(what))
+    if suffix in (".yaml", ".yml"):
+        text = head.decode("utf-8", errors="replace")
+        if len(set(_YAML_CHARACTER.findall(text))) >= 2:
+            return Problem(path, 1, card_refusal(path))
+        return Problem(path, 1, _not_conversations("a YAML file"))
+    if b"\x00" in head:
+        return Problem(path, 1, _not_conversations("binary data"))
     return None
-
-
-def _resync(text: str, start: int, after: int) -> int | None:
-    """Where the element after a broken one (starting at `start`) begins, or None when none follows.
-
-    Pretty-printed arrays put every element at the same indentation, so the next line that opens a
-    value at the broken element's indentation is the next element (robust to a missing quote). A
-    one-line array is resumed after the broken element's closing bracket, found by counting.
-    """
-    line_start = text.rfind("\n", 0, start) + 1
-    indent = text[line_start:start]
-    if not indent.strip():  # the element opens its own line
-        match = re.compile(r"\n" + re.escape(indent) + r"[{\[]").search(text, after)
-        return match.end() - 1 if match else None
-    end = _element_end(text, start)
-    if end is None:
-        return None
-    following = _skip_whitespace(text, end)
-    if following < len(text) and text[following] == ",":
-        following = _skip_whitespace(text, following + 1)
-        return following if following < len(text) and text[following] in "{[" else None
-    return None
-
-
-def _json_array_records(text: str, path: Path, progress=None) -> tuple[list[tuple[int, Any]], list[Problem]]:
-    """Elements of a top-level array, each with the line where it starts; a broken one is skipped."""
-    decoder = json.JSONDecoder()
-    lines = _Lines(text)
-
-    def problem_at(index: int, message: str, drops: int = 1) -> Problem:
-        return Problem(path, lines.line(index), f"invalid JSON at column {lines.column(index)}: {message}", drops)
-
-    records: list[tuple[int, Any]] = []
-    problems: list[Problem] = []
-    index = _skip_whitespace(text, text.index("[") + 1)
-    if index < len(text) and text[index] == "]":
-        return [], []
-    reported = 0
-    while True:
-        if progress is not None:
-            progress.update(index - reported)
-            reported = index
-        try:
-            value, end = decoder.raw_decode(text, index)
-        except json.JSONDecodeError as error:
-            problems.append(Problem(path, lines.line(index),
-                                    f"invalid JSON in this element (line {error.lineno}, column {error.colno}: "
-                                    f"{error.msg}); the element is skipped, reading goes on after it"))
-            resumed = _resync(text, index, max(error.pos, index + 1))
-            if resumed is None:
-                return records, problems
-            index = resumed
-            continue
-        records.append((lines.line(index), value))
-        index = _skip_whitespace(text, end)
-        if index >= len(text):
-            problems.append(problem_at(index, "the array is not closed with ']'", drops=0))
-            return records, problems
-        if text[index] == "]":
-            trailing = _skip_whitespace(text, index + 1)
-            if trailing < len(text):
-                problems.append(problem_at(trailing, "extra data after the array (not read)", drops=0))
-            return records, problems
-        if text[index] in "{[":  # a missing comma between two intact elements loses nothing
-            problems.append(problem_at(index, "expected ',' or ']' between conversations", drops=0))
-            continue
-        if text[index] != ",":
-            problems.append(problem_at(index, "expected ',' or ']' between conversations"))
-            resumed = _resync(text, index, index + 1)
-            if resumed is None:
-                return records, problems
-            index = resumed
-            continue
-        index = _skip_whitespace(text, index + 1)
-
-
-def _is_multiline_document(text: str) -> bool:
-    """A pretty-printed single JSON value, which JSON Lines parsing would report line by line."""
-    if len([line for line in text.splitlines() if line.strip()]) < 2:
-        return False
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True
-
-
-def _progress(path: Path, total: int, what: str):
-    """A byte-based tqdm bar for files over PROGRESS_BYTES, else None."""
-    if total < PROGRESS_BYTES:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"{what} {path.name}", unit="char", unit_scale=True, leave=False)
 
 
 def read_file(path: str | Path, labels: dict[str, str] | None = None) -> FileReport:
-    """Every usable conversation of `path`, every problem in file order, and the ignored fields.
+    """Every usable conversation of `path`, every problem in file order, the ignored fields and the counts.
 
-    `labels` adds role labels for `.txt` transcripts (label -> system|user|assistant).
+    `labels` maps speaker names and `.txt` labels to roles (label -> system|user|assistant).
     """
     path = Path(path)
     data = path.read_bytes()
+    refused = file_type_problem(data, path)
+    if refused is not None:
+        return FileReport(path, [], [refused])
     text, problems = decode_lines(data, path)
     if text is None:
         return FileReport(path, [], problems)
     if not text.strip():
         return FileReport(path, [], problems or [Problem(path, 1, "empty file: no conversations")])
     if path.suffix.lower() == ".txt":
-        from lyra.data.txt import parse_txt
-
         if problems:  # a blanked line would split a transcript's conversation in two: fix the bytes first
             return FileReport(path, [], problems)
-
         conversations, txt_problems = parse_txt(text, path, labels)
         return FileReport(path, conversations, txt_problems)
     stripped = text.lstrip()
-    if path.suffix.lower() != ".json" and stripped.startswith("[") and "\n" in stripped.strip():
+    is_json = path.suffix.lower() == ".json"
+    if not is_json and stripped[:1] in "[{" and "\n" in stripped.strip() and is_multiline_document(text):
         rows = len(text.splitlines())
-        return FileReport(path, [], [Problem(path, 1, f"this {path.suffix or 'file'} holds one JSON array spanning "
+        what = "one JSON array" if stripped.startswith("[") else "one JSON object"
+        return FileReport(path, [], [Problem(path, 1, f"this {path.suffix or 'file'} holds {what} spanning "
                                                       f"{rows} lines, not one object per line: rename it to "
                                                       f"{path.stem}.json", drops=0)])
-    progress = _progress(path, len(text), "reading")
+    progress = progress_bar(path, len(text), "reading")
     try:
-        if path.suffix.lower() == ".json" and stripped.startswith("["):
-            records, parse_problems = _json_array_records(text, path, progress)
-        elif path.suffix.lower() == ".json" and _is_multiline_document(text):
-            return FileReport(path, [], [Problem(path, 1, "a .json file must hold an array of conversations (or "
-                                                          f"JSON Lines), got {_type_name(json.loads(text))} "
-                                                          "spanning several lines")])
+        if is_json and stripped.startswith("["):
+            records, parse_problems = json_array_records(text, path, progress)
+        elif is_json and is_multiline_document(text):  # one object: a webui history, one PIPPA record
+            first_line = text[: len(text) - len(stripped)].count("\n") + 1
+            records, parse_problems = [(first_line, json.loads(text))], []
         else:
-            records, parse_problems = _jsonl_records(text, path, progress)
+            records, parse_problems = jsonl_records(text, path, progress)
     finally:
         if progress is not None:
             progress.close()
-    problems += parse_problems
-    conversations = []
-    ignored: Counter = Counter()
-    for line_number, record in records:
-        conversation, error = normalize_record(record, f"{path.stem}-{line_number}", ignored)
-        if conversation is None:
-            problems.append(Problem(path, line_number, error))
-        else:
-            conversation.line = line_number
-            conversations.append(conversation)
+    context = ReadContext(labels)
+    if sillytavern.claims(records):
+        conversations, record_problems = sillytavern.read(records, problems + parse_problems, path, context)
+        problems = record_problems
+    else:
+        problems += parse_problems
+        conversations = _read_records(records, path, context, problems)
+    unmapped = context.unmapped_problem(path)
+    if unmapped is not None:
+        problems.append(unmapped)
     problems.sort(key=lambda problem: problem.line)
     if not conversations and not problems:
         problems.append(Problem(path, 1, "empty file: no conversations"))
-    return FileReport(path, conversations, problems, ignored)
+    return FileReport(path, conversations, problems, context.ignored, context.counts, context.characters)
+
+
+def _read_records(records: list, path: Path, context: ReadContext, problems: list[Problem]) -> list[Conversation]:
+    conversations = []
+    for line_number, record in records:
+        if is_character_card(record):
+            problems.append(Problem(path, line_number, card_refusal(path)))
+            continue
+        context.line = line_number
+        conversation, error = normalize_record(record, f"{path.stem}-{line_number}", context)
+        if conversation is not None:
+            conversation.line = line_number
+            conversations.append(conversation)
+        elif error is not None:
+            problems.append(Problem(path, line_number, error))
+    return conversations
 
 
 def read_conversations(path: str | Path, labels: dict[str, str] | None = None
@@ -612,19 +168,12 @@ def read_conversations(path: str | Path, labels: dict[str, str] | None = None
     return report.conversations, report.problems
 
 
-def format_problems(problems: list[Problem], limit: int | None = MAX_REPORTED_PROBLEMS) -> str:
-    shown = problems if limit is None else problems[:limit]
-    lines = [str(problem) for problem in shown]
-    if len(problems) > len(shown):
-        lines.append(f"... and {len(problems) - len(shown)} more (run `python -m lyra.data validate FILE` for all)")
-    return "\n".join(lines)
-
-
 def load_conversations(path: str | Path, key: str = "data.train_file", on_invalid: str = "error",
                        labels: dict[str, str] | None = None) -> list[Conversation]:
     """Usable conversations of `path`; problems stop the run (`error`) or are skipped (`skip`).
 
-    With `error` the UserError lists the first 20 problems as `FILE:LINE: message`.
+    With `error` the UserError lists the problems as `FILE:LINE: message`, repeated ones grouped,
+    at most MAX_REPORTED_PROBLEMS lines.
     """
     return load_checked(path, key, on_invalid, labels)[0]
 
@@ -646,7 +195,10 @@ def check_problems(problems: list[Problem], conversations: list, path: Path, key
     """Stop on problems (`error`, or nothing usable left), or log what `skip` costs."""
     if problems and (on_invalid == "error" or not conversations):
         hint = "fix them or set data.on_invalid=skip" if conversations else "no usable conversation"
-        raise UserError(key, f"{len(problems)} problem(s) in {path} ({hint}):\n{format_problems(problems)}")
+        raise UserError(key, f"{len(problems)} problem(s) in {path} ({hint}):\n"
+                             f"{format_problems(problems, MAX_REPORTED_PROBLEMS)}")
     if problems:
         log.warning("%s: skipped %d invalid conversation(s) (data.on_invalid=skip), kept %d; first: %s",
                     path, sum(p.drops for p in problems), len(conversations), problems[0])
+
+

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lyra.data.formats import PROGRESS_BYTES, Conversation, FileReport, Problem, read_file
-from lyra.data.tokenization import (IGNORE_INDEX, ChunkTokenizer, EncodeStats, supervised_prefixes, turn_end_ids,
-                                    turn_texts)
+from lyra.data.formats import read_file
+from lyra.data.records import PROGRESS_BYTES, Conversation, FileReport, Problem
+from lyra.data.tokenization import (IGNORE_INDEX, ChunkTokenizer, EncodeStats, fitting_turns, inserts_system_prompt,
+                                    supervised_prefixes, turn_end_ids, turn_texts)
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when the encoding of a conversation changes
+CACHE_VERSION = 3  # bump when the encoding of a conversation changes
 DUPLICATE_WARNING_SHARE = 0.2  # training warns when more assistant replies than this repeat another
 
 
@@ -67,15 +68,10 @@ class Prepared:
         stats = EncodeStats()
         examples = []
         for turns in self.turns:
-            stats.conversations += 1
-            for position, (input_ids, prompt_length) in enumerate(turns):
-                if len(input_ids) > max_length:
-                    stats.dropped_turns += len(turns) - position
-                    stats.truncated_conversations += 1
-                    break
-                examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids),
-                                 "labels": [IGNORE_INDEX] * prompt_length + input_ids[prompt_length:]})
-        stats.examples = len(examples)
+            fits = fitting_turns([len(input_ids) for input_ids, _ in turns], max_length, stats)
+            examples += [{"input_ids": input_ids, "attention_mask": [1] * len(input_ids),
+                          "labels": [IGNORE_INDEX] * prompt_length + input_ids[prompt_length:]}
+                         for input_ids, prompt_length in turns[:fits]]
         return examples, stats
 
     def dataset(self, max_length: int):
@@ -87,13 +83,7 @@ class Prepared:
         stats = EncodeStats()
         kept: list[tuple[list[int], int]] = []
         for turns in self.turns:
-            stats.conversations += 1
-            fits = next((position for position, (ids, _) in enumerate(turns) if len(ids) > max_length), len(turns))
-            if fits < len(turns):
-                stats.dropped_turns += len(turns) - fits
-                stats.truncated_conversations += 1
-            kept.extend(turns[:fits])
-        stats.examples = len(kept)
+            kept.extend(turns[:fitting_turns([len(ids) for ids, _ in turns], max_length, stats)])
         lengths = np.fromiter((len(ids) for ids, _ in kept), dtype=np.int64, count=len(kept))
         offsets = np.zeros(len(kept) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -124,7 +114,7 @@ class Prepared:
         ignored = self.report.ignored_note()
         if ignored:
             lines.append(ignored)
-        return lines
+        return lines + self.report.count_notes()
 
 
 def default_cache_dir() -> Path:
@@ -296,8 +286,7 @@ def prepare_file(path: str | Path, tokenizer, system_prompt: str | None, labels:
     data = path.read_bytes()
     report = read_file(path, labels)
     conversations = report.conversations
-    inserted = sum(1 for c in conversations if not c.messages or c.messages[0]["role"] != "system") \
-        if system_prompt else 0
+    inserted = sum(inserts_system_prompt(c, system_prompt) for c in conversations)
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir) / "tokenized" / f"{_cache_key(data, tokenizer, system_prompt, labels)}.npz"
@@ -313,7 +302,8 @@ def prepare_file(path: str | Path, tokenizer, system_prompt: str | None, labels:
                 log.warning("could not cache the tokenized data in %s: %s", cache_file.parent, error)
     encode_problems = [Problem(path, conversations[index].line, message) for index, message in sorted(errors.items())]
     keep = [index for index in range(len(conversations)) if index not in errors]
-    report = FileReport(path, [conversations[i] for i in keep], report.problems, report.ignored_fields)
-    inserted -= sum(1 for i in errors if system_prompt and conversations[i].messages[0]["role"] != "system")
+    report = FileReport(path, [conversations[i] for i in keep], report.problems, report.ignored_fields, report.counts,
+                        report.characters)
+    inserted -= sum(inserts_system_prompt(conversations[i], system_prompt) for i in errors)
     return Prepared(report, [turns[i] for i in keep], inserted, cached is not None, encode_problems)
 

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from lyra.data.formats import Conversation, FileReport
+from lyra.data.records import COUNT_NOTES, Conversation, FileReport
 from lyra.data.prepare import Prepared, encode_all
-from lyra.data.tokenization import encode_turn, supervised_prefixes
+from lyra.data.tokenization import EncodeStats, encode_turn, fitting_turns, supervised_prefixes
 from lyra.errors import UserError
 
 
@@ -79,6 +79,7 @@ def prepared_stats(prepared: Prepared, max_length: int) -> dict[str, Any]:
     lengths = [len(ids) for turns in prepared.turns for ids, _ in turns]
     longest = [max((len(ids) for ids, _ in turns), default=0) for turns in prepared.turns]
     _, truncation = prepared.examples(max_length)  # the training rule decides what survives, not a copy of it
+    kept = [fitting_turns([len(ids) for ids, _ in turns], max_length, EncodeStats()) for turns in prepared.turns]
     dropped_entirely = sum(1 for turns in prepared.turns if turns and len(turns[0][0]) > max_length)
     return {
         "conversations": len(conversations),
@@ -95,20 +96,13 @@ def prepared_stats(prepared: Prepared, max_length: int) -> dict[str, Any]:
         "over_max_length": {
             "conversations": truncation.truncated_conversations,
             "dropped_assistant_turns": truncation.dropped_turns,
-            "kept_assistant_turns": sum(_fits(t, max_length) for t in prepared.turns if _fits(t, max_length) < len(t)),
+            "kept_assistant_turns": sum(fits for fits, t in zip(kept, prepared.turns) if fits < len(t)),
             "conversations_dropped_entirely": dropped_entirely,
         },
         "system_prompt_inserted": prepared.system_prompt_inserted,
         "ignored_fields": dict(sorted(prepared.report.ignored_fields.items())),
+        "left_out_or_added": {key: prepared.report.counts[key] for key in COUNT_NOTES if prepared.report.counts[key]},
     }
-
-
-def _fits(turns: list, max_length: int) -> int:
-    """How many leading turns of a conversation fit max_length."""
-    for position, (ids, _) in enumerate(turns):
-        if len(ids) > max_length:
-            return position
-    return len(turns)
 
 
 def format_stats(stats: dict[str, Any], source: str) -> str:
@@ -143,6 +137,8 @@ def format_stats(stats: dict[str, Any], source: str) -> str:
     if stats.get("ignored_fields"):
         ignored = ", ".join(f"{name} ({count})" for name, count in stats["ignored_fields"].items())
         lines.append(f"  {'ignored fields':<25}{ignored}")
+    for key, count in stats.get("left_out_or_added", {}).items():
+        lines.append(f"  {'read as':<25}{count} {COUNT_NOTES[key]}")
     if stats.get("skipped_invalid"):
         lines.append(f"  {'skipped invalid':<25}{stats['skipped_invalid']} (list them: python -m lyra.data validate FILE)")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from lyra.data.formats import Conversation
+from lyra.data.records import Conversation
 
 IGNORE_INDEX = -100
 _CANONICAL_USER = {"role": "user", "content": "."}  # a neutral turn to render a reply after
@@ -35,6 +35,12 @@ class EncodeStats:
     examples: int = 0
     dropped_turns: int = 0  # assistant turns whose prompt + reply exceed max_length
     truncated_conversations: int = 0  # conversations that lost at least one trailing turn
+
+
+def inserts_system_prompt(conversation: Conversation, system_prompt: str | None) -> bool:
+    """Whether training prepends data.system_prompt: the conversation has none and did not ask for none."""
+    messages = conversation.messages
+    return bool(system_prompt) and not conversation.no_system_prompt and (not messages or messages[0]["role"] != "system")
 
 
 def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
@@ -167,25 +173,33 @@ def encode_conversation(conversation: Conversation, tokenizer, max_length: int,
 
 def supervised_prefixes(conversation: Conversation, system_prompt: str | None) -> list[list[dict]]:
     """The history up to and including each assistant turn that is trained on."""
-    messages = with_system_prompt(conversation.messages, system_prompt)
+    messages = with_system_prompt(conversation.messages, None if conversation.no_system_prompt else system_prompt)
     return [messages[: index + 1] for index, message in enumerate(messages)
             if message["role"] == "assistant" and message.get("weight", 1) != 0]
+
+
+def fitting_turns(lengths: list[int], max_length: int, stats: EncodeStats) -> int:
+    """The truncation rule, the one place it is written: how many of one conversation's turns train.
+
+    A conversation keeps its turns up to the first whose example (prompt + reply) exceeds max_length;
+    that turn and every later one are dropped, and counted in `stats`. No reply is cut in the middle.
+    """
+    stats.conversations += 1
+    fits = next((position for position, length in enumerate(lengths) if length > max_length), len(lengths))
+    if fits < len(lengths):
+        stats.dropped_turns += len(lengths) - fits
+        stats.truncated_conversations += 1
+    stats.examples += fits
+    return fits
 
 
 def truncate(turns: list[tuple[list[int], list[int]]], max_length: int, stats: EncodeStats | None = None
              ) -> list[dict]:
     """Examples of one conversation's turns, up to the first that exceeds max_length (counted)."""
     stats = stats if stats is not None else EncodeStats()
-    stats.conversations += 1
-    examples = []
-    for position, (input_ids, labels) in enumerate(turns):
-        if len(input_ids) > max_length:
-            stats.dropped_turns += len(turns) - position
-            stats.truncated_conversations += 1
-            break
-        examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
-    stats.examples += len(examples)
-    return examples
+    fits = fitting_turns([len(input_ids) for input_ids, _ in turns], max_length, stats)
+    return [{"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+            for input_ids, labels in turns[:fits]]
 
 
 def encode_conversations(conversations: list[Conversation], tokenizer, max_length: int,

@@ -4,7 +4,7 @@
     convert_txt_to_jsonl("chats.txt", "chats.jsonl")             # returns the number of conversations
     python -m lyra.data convert chats.txt chats.jsonl --label Guest=user
 
-The format (documented in the README, section Data):
+The format (documented in docs/data.md):
 - Conversations are separated by one or more blank lines.
 - A message starts with a role label and `:` or the full-width `：`:
       system     system, 系統
@@ -13,7 +13,11 @@ The format (documented in the README, section Data):
   plus every shipped persona's labels (lyra/conf/persona/*.yaml): its user_label is a user label,
   its name and bot_label are assistant labels. ASCII labels match in any case; `labels=` /
   `--label LABEL=ROLE` adds more (e.g. your own persona's name).
-- A line without a known label continues the previous message, joined with a newline.
+- A line without a label continues the previous message, joined with a newline. A line that
+  starts like a speaker label (`Name:` or `Name：` at the start of the line, a short name) that is
+  not mapped is an error at its line, never glued onto the previous reply: map it with --label, or
+  indent the line to keep it as a continuation.
+- A `<START>` line (SillyTavern's example-dialogue separator) ends the conversation, like a blank line.
 - Lines starting with `#` are comments; `# id: NAME` before a conversation sets its id, otherwise
   the id is `<file stem>-<conversation number>`.
 
@@ -30,7 +34,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from lyra.data.formats import ROLES, Conversation, Problem, decode_text, format_problems
+from lyra.data.records import ROLES, Conversation, Problem, decode_text, format_problems
 from lyra.errors import UserError
 from lyra.paths import CONF_DIR
 
@@ -57,6 +61,9 @@ def shipped_persona_labels() -> dict[str, str]:
                 labels.setdefault(label.casefold(), role)
     return labels
 _LABELLED_LINE = re.compile(r"^\s*([^:：]{1,40}?)\s*[:：]\s*(.*)$")
+_SEPARATOR = "<start>"
+_NOT_IN_A_NAME = set(".,!?;\"'()[]{}<>/\\|=+*#@`~，。！？；、「」『』（）【】《》")
+MAX_SPEAKER_WORDS = 3  # "Captain Jack Sparrow:" is a speaker; "Note that the ratio is 3:1" is prose
 _ID_COMMENT = re.compile(r"^\s*#\s*id\s*[:：]\s*(\S.*?)\s*$", re.IGNORECASE)
 
 
@@ -81,6 +88,28 @@ def parse_label_options(options: Iterable[str]) -> dict[str, str]:
             raise UserError("--label", f"{option!r} must look like LABEL=ROLE, e.g. Guest=user")
         labels[label.strip()] = role.strip()
     return labels
+
+
+def _speaker_like(line: str, match: re.Match) -> bool:
+    """Whether an unmapped `Label:` line reads as someone speaking rather than prose with a colon.
+
+    At the start of the line (indented lines are continuations), a short name that starts with a
+    letter and holds no sentence punctuation; after an ASCII ':' comes a space or the line's end.
+    """
+    label = match.group(1)
+    if line[:1].isspace() or not label[:1].isalpha() or len(label.split()) > MAX_SPEAKER_WORDS:
+        return False
+    if any(character in _NOT_IN_A_NAME for character in label):
+        return False
+    colon = line.index(label) + len(label)
+    colon += len(line[colon:]) - len(line[colon:].lstrip())
+    return line[colon] == "：" or line[colon + 1:colon + 2] in ("", " ", "\t")
+
+
+def _unmapped_speaker(label: str) -> str:
+    return (f'"{label}:" starts like a speaker label that maps to no role; map it: --label {label}=user for '
+            f"python -m lyra.data, data.labels='{{{label}: user}}' for training (or assistant, for the character "
+            "to train), or indent the line if it continues the previous message")
 
 
 def _unlabelled(match: re.Match | None) -> str:
@@ -113,7 +142,7 @@ def parse_txt(text: str, path: Path, labels: dict[str, str] | None = None
     pending_id: tuple[int, str] | None = None
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.rstrip()
-        if not line.strip():
+        if not line.strip() or line.strip().casefold() == _SEPARATOR:
             block = None
             continue
         if line.lstrip().startswith("#"):
@@ -132,6 +161,9 @@ def parse_txt(text: str, path: Path, labels: dict[str, str] | None = None
         role = table.get(match.group(1).casefold()) if match else None
         if role is not None:
             block.messages.append({"role": role, "lines": [match.group(2)] if match.group(2) else [], "line": number})
+        elif match and (block.messages or block.broken) and _speaker_like(line, match):  # never glued on
+            block.broken = True
+            problems.append(Problem(path, number, _unmapped_speaker(match.group(1))))
         elif block.messages:
             block.messages[-1]["lines"].append(line)
         elif not block.broken:  # one problem per conversation: it costs one conversation

@@ -2,6 +2,8 @@
 
     from lyra.persona import PERSONA_METRICS, metric_direction, persona_metrics, LANGUAGES
     metrics = persona_metrics(replies, persona)       # replies: lyra.generation.Reply (text, flags)
+    metrics = persona_metrics(replies, persona, checks=[("name", "address"), None, ...])  # tagged probes
+    holds = persona_hold(metrics_by_turn)             # drift: last turn / turn 1 (lyra.drift)
 
 Pure Python, no transformers import: `lyra.config` validates a persona's language with it before
 anything heavy loads, and `lyra.probes`, `lyra.evaluate`, `lyra.results` and `lyra.compare` share its
@@ -15,11 +17,23 @@ with the persona's own words (conf/persona/<name>.yaml):
                      Simplified-only one (lyra.data.zh_tw); en = mostly ASCII letters
     simplified_rate  zh-TW only: the reply contains Simplified-only characters
     avg_reply_chars  mean length of the clean reply in characters
+
+Tagged probes: a probe may say which persona checks it is meant to test (`"checks": ["name",
+"address", "language"]`, CHECKS). self_name_rate is then the share over the replies to probes that
+ask for "name" (address_rate: "address", language_rate: "language"), so "what's the weather?" is
+not scored on the character's name. A reply without checks (None) counts in every rate; the other
+metrics (think_leak_rate, eos_rate, simplified_rate, avg_reply_chars) always count every reply. A
+rate no reply asks for is left out of the result (it was not measured, which is not 0).
+
+Drift (lyra.drift): the metrics per turn of long chats, summed up by the holds: `<metric>_hold` =
+the metric at the last turn / at turn 1 (None when turn 1 is 0: nothing to hold), and
+`persona_hold` = the mean of the defined holds of HOLD_METRICS, each capped at 1 so that a gain in
+one check cannot hide a loss in another. 1 = the persona held; 0.5 = half of it was lost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 # Every persona metric, in report order; a persona reports the ones of its language (metric_names).
 PERSONA_METRICS = ("think_leak_rate", "eos_rate", "address_rate", "self_name_rate", "language_rate",
@@ -28,13 +42,37 @@ PERSONA_METRICS = ("think_leak_rate", "eos_rate", "address_rate", "self_name_rat
 LOWER_IS_BETTER = ("think_leak_rate", "simplified_rate")
 ENGLISH_MIN_ASCII = 0.9  # share of a reply's letters that must be ASCII: a quoted foreign word is fine
 CHINESE_MIN_HAN = 0.5  # share of a reply's letters that must be Han characters: names like "Wi-Fi" are fine
+# What a probe may ask to be scored on ("checks" in a probe line), and the rate each one selects for.
+CHECKS = {"name": "self_name_rate", "address": "address_rate", "language": "language_rate"}
+# The rates whose hold over a long chat (lyra.drift) makes up persona_hold.
+HOLD_METRICS = ("self_name_rate", "address_rate", "language_rate")
+
+
+def hold_key(metric: str) -> str:
+    """self_name_rate -> self_name_hold: the key of a metric's last-turn / first-turn ratio."""
+    return metric.removesuffix("_rate") + "_hold"
+
+
+# The drift summary keys, in report order (evaluation.json, the W&B summary, lyra.compare).
+HOLD_KEYS = ("persona_hold", *map(hold_key, HOLD_METRICS))
 
 
 def metric_direction(metric: str) -> str:
-    """minimize for losses, perplexity and the failure rates, maximize for the persona rates."""
+    """minimize for losses, perplexity and the failure rates; maximize the persona rates and holds."""
     if "loss" in metric or "perplexity" in metric or metric in LOWER_IS_BETTER:
         return "minimize"
-    return "maximize" if metric.endswith("_rate") else "minimize"
+    return "maximize" if metric.endswith(("_rate", "_hold")) else "minimize"
+
+
+def unknown_checks(checks) -> str | None:
+    """Why a probe's "checks" value is invalid, or None: a list of CHECKS names."""
+    known = ", ".join(CHECKS)
+    if not isinstance(checks, list) or not all(isinstance(check, str) for check in checks):
+        return f'"checks" must be a list of check names ({known}), got {checks!r}'
+    unknown = [check for check in checks if check not in CHECKS]
+    if unknown:
+        return f"unknown check {unknown[0]!r} in \"checks\" (known: {known})"
+    return None
 
 
 # ---------------------------------------------------------------- languages
@@ -74,26 +112,63 @@ def metric_names(language: str) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------- metrics
 
-def persona_metrics(replies: Sequence, persona: Mapping) -> dict[str, float]:
-    """The persona metrics of a list of `lyra.generation.Reply`, counted in the persona's words."""
+def persona_metrics(replies: Sequence, persona: Mapping,
+                    checks: Sequence[Collection[str] | None] | None = None) -> dict[str, float]:
+    """The persona metrics of a list of `lyra.generation.Reply`, counted in the persona's words.
+
+    checks: one entry per reply, the CHECKS its probe asks for (None = untagged: counted in every
+    rate); None = all untagged. A checked rate that no reply asks for is left out.
+    """
     language = str(persona["language"])
     names = metric_names(language)
     n = len(replies)
     if n == 0:
         return {name: 0.0 for name in names}
+    asks = [None] * n if checks is None else list(checks)
+    if len(asks) != n:
+        raise ValueError(f"{n} replies but {len(asks)} checks")
+    checked_by = {metric: check for check, metric in CHECKS.items()}
 
-    def rate(flags) -> float:
-        return sum(bool(flag) for flag in flags) / n
+    def rate(metric: str, test: Callable[[object], bool]) -> float | None:
+        check = checked_by.get(metric)
+        pool = [r for r, ask in zip(replies, asks) if check is None or ask is None or check in ask]
+        return sum(bool(test(r)) for r in pool) / len(pool) if pool else None
 
     in_language = LANGUAGES[language]
     address, name = str(persona["user_address"]), str(persona["name"])
-    metrics = {
-        "think_leak_rate": rate(r.think_leak for r in replies),
-        "eos_rate": rate(r.ended_by_eos for r in replies),
-        "address_rate": rate(address in r.text for r in replies),
-        "self_name_rate": rate(name in r.text for r in replies),
-        "language_rate": rate(in_language(r.text) for r in replies),
-        "simplified_rate": rate(has_simplified(r.text) for r in replies) if "simplified_rate" in names else None,
-        "avg_reply_chars": sum(len(r.text) for r in replies) / n,
+    tests: dict[str, Callable[[object], bool]] = {
+        "think_leak_rate": lambda r: r.think_leak,
+        "eos_rate": lambda r: r.ended_by_eos,
+        "address_rate": lambda r: address in r.text,
+        "self_name_rate": lambda r: name in r.text,
+        "language_rate": lambda r: in_language(r.text),
+        "simplified_rate": lambda r: has_simplified(r.text),
     }
-    return {key: metrics[key] for key in names}
+    metrics = {key: rate(key, tests[key]) for key in names if key in tests}
+    metrics["avg_reply_chars"] = sum(len(r.text) for r in replies) / n
+    return {key: metrics[key] for key in names if metrics[key] is not None}
+
+
+def checked_counts(checks: Sequence[Collection[str] | None], language: str) -> dict[str, int]:
+    """How many replies each checked rate of `persona_metrics` is computed over."""
+    return {metric: sum(ask is None or check in ask for ask in checks)
+            for check, metric in CHECKS.items() if metric in metric_names(language)}
+
+
+# ---------------------------------------------------------------- drift
+
+def persona_hold(by_turn: Sequence[Mapping[str, float]]) -> dict[str, float | None]:
+    """The HOLD_KEYS of per-turn persona metrics (turn 1 first; see the module doc).
+
+    `<metric>_hold` = last turn / turn 1; None when the metric is missing at either end or is 0 at
+    turn 1. persona_hold = the mean of the defined holds, each capped at 1; None when none is defined.
+    """
+    if not by_turn:
+        raise ValueError("persona_hold needs at least one turn")
+    first, last = by_turn[0], by_turn[-1]
+    holds: dict[str, float | None] = {}
+    for metric in HOLD_METRICS:
+        start, end = first.get(metric), last.get(metric)
+        holds[hold_key(metric)] = end / start if start and end is not None else None
+    defined = [min(value, 1.0) for value in holds.values() if value is not None]
+    return {"persona_hold": sum(defined) / len(defined) if defined else None, **holds}
