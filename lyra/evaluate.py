@@ -5,11 +5,8 @@
     python -m lyra.evaluate run_dir=R compare_base=true                 # trained and bare base side by side
     python -m lyra.evaluate run_dir=R eval.num_probes=10 eval.generation.max_new_tokens=64
     python -m lyra.evaluate run_dir=R eval_file=my_heldout.jsonl
-<<<<<<< HEAD
     python -m lyra.evaluate run_dir=R targets=hf,merged,gguf,server   # parity: the persona served 4 ways (lyra.parity)
-=======
     python -m lyra.evaluate run_dir=R drift.turns=8                     # persona per turn of long chats (lyra.drift)
->>>>>>> main
 
 The persona metrics (address_rate, self_name_rate, language_rate, simplified_rate for zh-TW, ...;
 see lyra.probes) count the words of the persona the run was trained with, read from its
@@ -164,13 +161,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     persona = run_persona(run_cfg, run_dir)
     validate_probes(cfg.eval, persona)
     probes = selected_probes(cfg.eval, persona)
-<<<<<<< HEAD
     if cfg.targets is not None:
+        if cfg.drift.turns:
+            raise UserError("drift.turns", "the parity check runs the probes only; drop drift.turns or targets")
         return check_parity(cfg, run_dir, persona, probes)
-=======
     data_cfg = eval_data_config(run_cfg, run_dir, cfg.eval_file)
     drift = plan_drift(cfg.drift, data_cfg, cfg.eval, persona)  # None with drift.turns=0; checked before the model
->>>>>>> main
     run = load_run(run_dir, adapter=cfg.adapter, device=cfg.device)
 
     splits = build_datasets(data_cfg, run.tokenizer)
