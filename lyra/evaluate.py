@@ -5,6 +5,7 @@
     python -m lyra.evaluate run_dir=R compare_base=true                 # trained and bare base side by side
     python -m lyra.evaluate run_dir=R eval.num_probes=10 eval.generation.max_new_tokens=64
     python -m lyra.evaluate run_dir=R eval_file=my_heldout.jsonl
+    python -m lyra.evaluate run_dir=R targets=hf,merged,gguf,server   # parity: the persona served 4 ways (lyra.parity)
     python -m lyra.evaluate run_dir=R drift.turns=8                     # persona per turn of long chats (lyra.drift)
 
 The persona metrics (address_rate, self_name_rate, language_rate, simplified_rate for zh-TW, ...;
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +161,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     persona = run_persona(run_cfg, run_dir)
     validate_probes(cfg.eval, persona)
     probes = selected_probes(cfg.eval, persona)
+    if cfg.targets is not None:
+        if cfg.drift.turns:
+            raise UserError("drift.turns", "the parity check runs the probes only; drop drift.turns or targets")
+        return check_parity(cfg, run_dir, persona, probes)
     data_cfg = eval_data_config(run_cfg, run_dir, cfg.eval_file)
     drift = plan_drift(cfg.drift, data_cfg, cfg.eval, persona)  # None with drift.turns=0; checked before the model
     run = load_run(run_dir, adapter=cfg.adapter, device=cfg.device)
@@ -195,10 +201,37 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def check_parity(cfg: DictConfig, run_dir: Path, persona, probes) -> dict[str, Any]:
+    """targets=...: the parity check (lyra.parity), written under `parity` in the evaluation JSON
+    (its other keys, from an earlier plain evaluation, are kept)."""
+    from lyra.parity import format_parity, parity_check
+
+    if cfg.compare_base:
+        raise UserError("compare_base", "the parity check compares the trained persona only; drop compare_base")
+    generation = OmegaConf.to_container(cfg.eval.generation, resolve=True)
+    report = parity_check(run_dir, cfg.targets, probes, persona, generation, adapter=cfg.adapter, device=cfg.device,
+                          **OmegaConf.to_container(cfg.parity, resolve=True))
+    path = output_path(run_dir, str(cfg.adapter), cfg.output_file)
+    results = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"run_dir": str(run_dir)}
+    results["parity"] = report
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    print(format_parity(report))
+    print(f"\nparity written to {path} (key `parity`)")
+    return results
+
+
+def targets_as_list(argv: list[str]) -> list[str]:
+    """`targets=hf,merged` as Hydra reads a list: unquoted, Hydra would take the commas for a sweep."""
+    return [f"targets=[{arg.split('=', 1)[1]}]" if arg.startswith("targets=") and "," in arg
+            and not arg.split("=", 1)[1].startswith(("[", "'", '"')) else arg for arg in argv]
+
+
 @hydra_app("evaluate")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
 if __name__ == "__main__":
+    sys.argv = targets_as_list(sys.argv)
     main()

@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import lyra
 from lyra.cli import hydra_app
+from lyra.data.tokenization import template_with_system_prompt
 from lyra.errors import UserError
 from lyra.paths import resolve_user_path
 
@@ -61,18 +62,6 @@ def export_dtype(name: str):
     return resolve_dtype(name)
 
 
-def template_with_system_prompt(template: str, system_prompt: str) -> str:
-    """The chat template, prefixed so that a chat without a system message gets `system_prompt`.
-
-    json.dumps yields a valid Jinja string literal (Jinja reads the same backslash escapes).
-    """
-    literal = json.dumps(system_prompt, ensure_ascii=False)
-    prefix = ("{%- if not messages or messages[0]['role'] != 'system' %}"
-              f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
-              "{%- endif %}\n")
-    return prefix + template
-
-
 def _publishable(directory: Path) -> None:
     """mkdtemp (and safetensors) create owner-only modes; a shipped model follows the umask."""
     import os
@@ -81,7 +70,7 @@ def _publishable(directory: Path) -> None:
     os.umask(umask)
     directory.chmod(0o777 & ~umask)
     for path in directory.iterdir():
-        path.chmod(0o666 & ~umask)
+        path.chmod((0o777 if path.suffix == ".sh" else 0o666) & ~umask)  # scripts stay runnable
 
 
 def check_output_dir(output_dir: Path, run_dir: Path, overwrite: bool) -> None:
@@ -196,8 +185,9 @@ def _export_card(cfg: DictConfig) -> Path:
 
 def _write_gguf_export(staging: Path, model, tokenizer, target, chat_template: str, gen_config,
                        generation: dict[str, Any]) -> None:
-    """model-<type>.gguf, the Ollama Modelfile and a README into staging."""
-    from lyra.gguf import modelfile, ollama_parameters, write_gguf
+    """model-<type>.gguf, the Ollama Modelfile, a llama-server script, the persona's prompt and a README."""
+    from lyra.gguf import (LLAMA_SERVER_SCRIPT, SYSTEM_PROMPT_FILE, llama_server_script, modelfile, ollama_parameters,
+                           write_gguf)
 
     eos_ids = list(gen_config.eos_token_id)
     gguf_name = f"model-{target.type}.gguf"
@@ -205,9 +195,15 @@ def _write_gguf_export(staging: Path, model, tokenizer, target, chat_template: s
     stops = tokenizer.convert_ids_to_tokens(eos_ids)
     (staging / "Modelfile").write_text(modelfile(gguf_name, target, stops, ollama_parameters(generation)),
                                        encoding="utf-8")
+    (staging / LLAMA_SERVER_SCRIPT).write_text(llama_server_script(gguf_name, target, generation), encoding="utf-8")
+    if target.default_system:
+        (staging / SYSTEM_PROMPT_FILE).write_text(target.default_system + "\n", encoding="utf-8")
     size_mb = (staging / gguf_name).stat().st_size / 1e6
-    (staging / "README.md").write_text(GGUF_README.format(gguf_name=gguf_name, type=target.type, size_mb=size_mb,
-                                                          stops=", ".join(stops)), encoding="utf-8")
+    prompt_file = bool(target.default_system)
+    (staging / "README.md").write_text(GGUF_README.format(
+        gguf_name=gguf_name, type=target.type, size_mb=size_mb, stops=", ".join(stops),
+        cli_system=f" -sysf {SYSTEM_PROMPT_FILE}" if prompt_file else "",
+        lm_studio_system=f": paste {SYSTEM_PROMPT_FILE} there to keep it" if prompt_file else ""), encoding="utf-8")
 
 
 GGUF_README = """# lyra, exported as GGUF
@@ -222,9 +218,18 @@ Ollama:
     ollama create lyra -f Modelfile
     ollama run lyra
 
-llama.cpp (the template embedded in the file is used):
+llama.cpp's OpenAI-compatible server (SillyTavern, Open WebUI, the openai client: http://127.0.0.1:8080/v1):
 
-    llama-cli -m {gguf_name} -cnv
+    sh llama-server.sh          # llama-server -m {gguf_name} --jinja ...
+
+Keep `--jinja`: it runs the template embedded in the file, which adds the persona's system prompt
+to a chat without one. Without it llama-server formats ChatML itself and drops that prompt.
+llama.cpp's terminal chat:
+
+    llama-cli -m {gguf_name} --jinja{cli_system}
+
+LM Studio: load {gguf_name}; it uses the template embedded in the file. A system prompt set in LM
+Studio is a system message, which replaces the persona's{lm_studio_system}.
 
 transformers (dequantized to float32):
 

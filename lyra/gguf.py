@@ -204,6 +204,44 @@ def ollama_parameters(generation: Mapping[str, Any]) -> dict[str, Any]:
     return parameters
 
 
+SYSTEM_PROMPT_FILE = "system_prompt.txt"
+LLAMA_SERVER_SCRIPT = "llama-server.sh"
+
+
+def llama_server_flags(generation: Mapping[str, Any]) -> list[str]:
+    """The generation group as llama-server's default sampling flags (a request's own values win).
+
+    Ollama's parameters are llama.cpp's sampler settings, so they map one to one."""
+    options = {"temperature": "--temp", "top_p": "--top-p", "top_k": "--top-k", "repeat_penalty": "--repeat-penalty",
+               "num_predict": "-n"}
+    return [item for name, value in ollama_parameters(generation).items() for item in (options[name], str(value))]
+
+
+def llama_server_script(gguf_name: str, target: GgufTarget, generation: Mapping[str, Any]) -> str:
+    """A shell script that serves the file with llama.cpp's llama-server, persona kept.
+
+    `--jinja` makes llama-server run the template embedded in the file, which adds the persona's
+    system prompt to a chat that has none. Without it, llama-server recognises ChatML and formats
+    the chat itself (llama_chat_apply_template), which drops that built-in prompt: the persona is
+    gone for every client that sends no system message. llama-server has no system-prompt file
+    option (llama-cli has: -sysf system_prompt.txt).
+    """
+    lines = [
+        "#!/bin/sh",
+        "# Serve this persona with llama.cpp's OpenAI-compatible server: http://127.0.0.1:8080/v1",
+        "#   sh llama-server.sh            (extra llama-server flags are passed on, e.g. --port 9000)",
+        "# --jinja runs the chat template embedded in the file, which adds the persona's system prompt",
+        "# to a chat without one. Without --jinja llama-server formats ChatML itself and drops that",
+        "# prompt: the character forgets who it is. A client's own system message replaces it either way.",
+    ]
+    if target.default_system:
+        lines.append(f"# The persona's prompt is also in {SYSTEM_PROMPT_FILE} (llama-cli -m {gguf_name} --jinja -sysf {SYSTEM_PROMPT_FILE}).")
+    command = ["exec llama-server -m", gguf_name, "--jinja --host 127.0.0.1 --port 8080",
+               *llama_server_flags(generation), '"$@"']
+    lines += ['cd "$(dirname "$0")" || exit 1', " ".join(command)]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- tensors and tokenizer
 
 def _permute_rotary(weights, n_head: int):

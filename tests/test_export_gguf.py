@@ -95,7 +95,8 @@ def reference(exports):
 def test_gguf_f16_logits_and_tokenizer_match_the_merged_model(exports, reference):
     model_ref, tokenizer_ref = reference
     _, gguf_dir = exports
-    assert sorted(p.name for p in gguf_dir.iterdir()) == ["Modelfile", "README.md", "lyra_export.json", "model-f16.gguf"]
+    assert sorted(p.name for p in gguf_dir.iterdir()) == ["Modelfile", "README.md", "llama-server.sh", "lyra_export.json",
+                                                          "model-f16.gguf", "system_prompt.txt"]
     model, tokenizer, parsed = _load_gguf(gguf_dir / "model-f16.gguf", model_ref.config)
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"):
@@ -147,6 +148,35 @@ def test_gguf_metadata_stops_template_and_system_prompt(smoke_run, exports):
     assert "ollama create lyra -f Modelfile" in (gguf_dir / "README.md").read_text(encoding="utf-8")
     provenance = json.loads((gguf_dir / "lyra_export.json").read_text())
     assert provenance["format"] == "gguf" and provenance["gguf_type"] == "f16"
+
+
+def test_every_runtime_file_carries_the_persona_prompt(smoke_run, exports):
+    """llama-server without --jinja drops the template's built-in system prompt: the script keeps
+    --jinja, the prompt is in its own file for llama-cli / LM Studio, and the README says both."""
+    import shlex
+
+    from lyra.runs import load_run_config
+
+    _, gguf_dir = exports
+    system_prompt = load_run_config(smoke_run).data.system_prompt
+    assert (gguf_dir / "system_prompt.txt").read_text(encoding="utf-8") == system_prompt + "\n"
+    script = gguf_dir / "llama-server.sh"
+    assert os.access(script, os.X_OK)  # runnable as ./llama-server.sh
+    subprocess.run(["sh", "-n", str(script)], check=True)  # valid shell
+    command = shlex.split(script.read_text(encoding="utf-8").splitlines()[-1])
+    assert command[:4] == ["exec", "llama-server", "-m", "model-f16.gguf"] and "--jinja" in command
+    assert command[command.index("--host") + 1] == "127.0.0.1"  # local only, like lyra.serve
+    # the run's sampling defaults (generation group) as llama-server flags, and the caller's flags last
+    assert command[command.index("--temp") + 1] == "0.7" and command[command.index("-n") + 1] == "256"
+    assert command[-1] == "$@"
+    readme = (gguf_dir / "README.md").read_text(encoding="utf-8")
+    assert "--jinja" in readme and "-sysf system_prompt.txt" in readme and "LM Studio" in readme
+
+
+def test_without_an_embedded_prompt_no_prompt_file_is_written(smoke_run, tmp_path):
+    out = _export(smoke_run, tmp_path / "stock", "format=gguf", "embed_system_prompt=false")
+    assert not (out / "system_prompt.txt").exists() and "SYSTEM" not in (out / "Modelfile").read_text()
+    assert "system_prompt.txt" not in (out / "README.md").read_text() + (out / "llama-server.sh").read_text()
 
 
 def test_modelfile_template_renders_the_training_prompt(tokenizer):
@@ -214,20 +244,35 @@ def _smollm2_dir() -> Path:
     return script.smollm2_dir()
 
 
+def _llama_cpp_greedy(llm, ids, eos: int, limit: int) -> list[int]:
+    generated = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        generated.append(token)
+        if token == eos or len(generated) >= limit:
+            break
+    return generated
+
+
 @pytest.mark.slow
 def test_llama_cpp_generates_the_merged_models_greedy_reply_and_stops_at_eos(tmp_path):
-    """llama.cpp itself (llama-cpp-python) on the exported SmolLM2 file, prompted with the Modelfile's template."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds from source)")
+    """llama.cpp itself (llama-cpp-python) on the exported SmolLM2 files, f16 and q8_0, prompted with
+    the Modelfile's template."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install 'lyra[gguf-runtime]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lyra.parity import load_llama
 
     source = _smollm2_dir()
     reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     reference_tokenizer = AutoTokenizer.from_pretrained(source)
-    target = check_gguf_export(reference.config, reference_tokenizer, reference_tokenizer.chat_template, "f16")
-    path = tmp_path / "model-f16.gguf"
-    write_gguf(reference, reference_tokenizer, path, target, reference_tokenizer.chat_template,
-               [reference_tokenizer.eos_token_id])
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False)
+    eos = reference_tokenizer.eos_token_id
+    paths = {}
+    for type in ("f16", "q8_0"):
+        target = check_gguf_export(reference.config, reference_tokenizer, reference_tokenizer.chat_template, type)
+        paths[type] = tmp_path / f"model-{type}.gguf"
+        write_gguf(reference, reference_tokenizer, paths[type], target, reference_tokenizer.chat_template, [eos])
+    # load_llama sets use_extra_bufts=False: on CPUs with AMX, llama.cpp's default build segfaults repacking q8_0
+    llm = load_llama(model_path=str(paths["f16"]), n_ctx=512, n_threads=2, verbose=False)
 
     messages = [{"role": "system", "content": target.default_system},
                 {"role": "user", "content": "What is 2 + 2? Answer with just the number."}]
@@ -236,16 +281,14 @@ def test_llama_cpp_generates_the_merged_models_greedy_reply_and_stops_at_eos(tmp
     assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids  # llama.cpp's own BPE, same ids
 
     reply = reference.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
-                               eos_token_id=reference_tokenizer.eos_token_id)[0, len(ids):].tolist()
-    assert reply[-1] == reference_tokenizer.eos_token_id  # the merged model ends its short answer
-    eos = reference_tokenizer.eos_token_id
+                               eos_token_id=eos)[0, len(ids):].tolist()
+    assert reply[-1] == eos  # the merged model ends its short answer
     assert llm.token_eos() == eos  # llama.cpp read the eos from the file
-    generated = []
-    for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-        generated.append(token)
-        if token == eos or len(generated) >= len(reply):
-            break
-    assert generated == reply  # same greedy tokens, and llama.cpp stops at the same eos
+    assert _llama_cpp_greedy(llm, ids, eos, len(reply)) == reply  # same greedy tokens, same stop
+    llm.close()
+    q8 = load_llama(model_path=str(paths["q8_0"]), n_ctx=512, n_threads=2, verbose=False)
+    assert _llama_cpp_greedy(q8, ids, eos, len(reply)) == reply  # loads and answers alike (no AMX crash)
+    q8.close()
 
 
 _GO_RENDER = """package main

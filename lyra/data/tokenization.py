@@ -50,6 +50,19 @@ def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None
     return list(messages)
 
 
+def template_with_system_prompt(template: str, system_prompt: str) -> str:
+    """The chat template, prefixed so that a chat without a system message gets `system_prompt`:
+    the template itself then does what `with_system_prompt` does (what lyra.export ships).
+
+    json.dumps yields a valid Jinja string literal (Jinja reads the same backslash escapes).
+    """
+    literal = json.dumps(system_prompt, ensure_ascii=False)
+    prefix = ("{%- if not messages or messages[0]['role'] != 'system' %}"
+              f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+              "{%- endif %}\n")
+    return prefix + template
+
+
 _TURN_END_PROBE = "\u2063lyra\u2063"  # a reply text no template rewrites; what follows it ends the turn
 
 
