@@ -54,10 +54,10 @@ UNSUPPORTED_RECORD_FIELDS = {
     "image": "images are not supported (lyra trains text-only chat); drop the field or the record",
     "videos": "videos are not supported (lyra trains text-only chat); drop the field or the record",
     "audios": "audio is not supported (lyra trains text-only chat); drop the field or the record",
-    "chosen": "a preference pair (chosen/rejected) is not supervised chat; keep the chosen reply as the last "
-              "assistant turn and drop chosen/rejected",
-    "rejected": "a preference pair (chosen/rejected) is not supervised chat; keep the chosen reply as the last "
-                "assistant turn and drop chosen/rejected",
+    "chosen": "a preference pair (chosen/rejected) is not supervised chat: train pairs with objective=dpo or "
+              "objective=orpo (objective.train_file=FILE, docs/preference.md)",
+    "rejected": "a preference pair (chosen/rejected) is not supervised chat: train pairs with objective=dpo or "
+                "objective=orpo (objective.train_file=FILE, docs/preference.md)",
 }
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 
@@ -550,11 +550,13 @@ def _progress(path: Path, total: int, what: str):
     return tqdm(total=total, desc=f"{what} {path.name}", unit="char", unit_scale=True, leave=False)
 
 
-def read_file(path: str | Path, labels: dict[str, str] | None = None) -> FileReport:
+def read_file(path: str | Path, labels: dict[str, str] | None = None, normalize=None) -> FileReport:
     """Every usable conversation of `path`, every problem in file order, and the ignored fields.
 
-    `labels` adds role labels for `.txt` transcripts (label -> system|user|assistant).
+    `labels` adds role labels for `.txt` transcripts (label -> system|user|assistant). `normalize`
+    reads another kind of record with the same file handling (lyra.data.preference: pairs).
     """
+    normalize = normalize or normalize_record
     path = Path(path)
     data = path.read_bytes()
     text, problems = decode_lines(data, path)
@@ -593,7 +595,7 @@ def read_file(path: str | Path, labels: dict[str, str] | None = None) -> FileRep
     conversations = []
     ignored: Counter = Counter()
     for line_number, record in records:
-        conversation, error = normalize_record(record, f"{path.stem}-{line_number}", ignored)
+        conversation, error = normalize(record, f"{path.stem}-{line_number}", ignored)
         if conversation is None:
             problems.append(Problem(path, line_number, error))
         else:

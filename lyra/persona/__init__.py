@@ -97,3 +97,21 @@ def persona_metrics(replies: Sequence, persona: Mapping) -> dict[str, float]:
         "avg_reply_chars": sum(len(r.text) for r in replies) / n,
     }
     return {key: metrics[key] for key in names}
+
+
+# ---------------------------------------------------------------- per-reply checks
+
+# The persona checks one reply can fail, named as `python -m lyra.data pairs` reports them.
+PERSONA_CHECKS = ("address", "name", "language", "think")
+
+
+def failed_checks(text: str, persona: Mapping, raw: str | None = None) -> list[str]:
+    """The persona checks one reply fails, in PERSONA_CHECKS order: the per-reply form of address_rate,
+    self_name_rate, language_rate and think_leak_rate. `raw`: the reply before think blocks were removed."""
+    failed = {
+        "address": str(persona["user_address"]) not in text,
+        "name": str(persona["name"]) not in text,
+        "language": not LANGUAGES[str(persona["language"])](text),
+        "think": any(tag in (raw if raw is not None else text) for tag in ("<think>", "</think>")),
+    }
+    return [check for check in PERSONA_CHECKS if failed[check]]
