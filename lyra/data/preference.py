@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from lyra.data.formats import FileReport, Problem, _Bad, _type_name, normalize_record, read_file
+from lyra.data.formats import ROLE_ALIASES, FileReport, Problem, _Bad, _type_name, normalize_record, read_file
 from lyra.data.tokenization import IGNORE_INDEX, EncodeStats, encode_turn, with_system_prompt
 
 SIDES = ("chosen", "rejected")
@@ -119,6 +119,14 @@ def _pair(record: Any, default_id: str, ignored: Counter) -> PreferencePair:
                    "supervised conversations train with objective=sft)")
     local: Counter = Counter(name for name in record if name not in PAIR_FIELDS)
     records = _sides(record)
+    for side, side_record in records.items():  # before the conversation rules, which would say less
+        messages = side_record.get("conversations") or side_record.get("messages") or []
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        if not isinstance(last, dict):
+            continue  # the conversation rules below name what is wrong
+        role = last.get("from", last.get("role"))
+        if not (isinstance(role, str) and ROLE_ALIASES.get(role) == "assistant"):
+            raise _Bad(f'"{side}" must end with an assistant reply, got {json.dumps(role, ensure_ascii=False)}')
     conversations = {side: _conversation(records[side], side, local if side == "chosen" else Counter())
                      for side in SIDES}
     replies = {}
