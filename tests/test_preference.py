@@ -142,7 +142,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def trl_pairs(tmp_path: Path) -> Path:
-    """Eight usable pairs (the fixtures' four shapes, twice) in one TRL file."""
+    """The fixtures' usable pairs (all four shapes), twice, in one TRL conversational file."""
     from lyra.data.preference import read_pairs
 
     pairs = [pair for name in ("trl_conversational.jsonl", "trl_plain.jsonl", "trl_implicit.jsonl",
@@ -156,12 +156,12 @@ def trl_pairs(tmp_path: Path) -> Path:
 def test_dpo_from_the_sft_adapter_trains_and_saves(tmp_path, smoke_run):
     from lyra.train import train
 
-    run_dir = tmp_path / "dpo"
+    run_dir, pairs = tmp_path / "dpo", trl_pairs(tmp_path)
     metrics = train(compose(preference_overrides(
-        run_dir, "objective=dpo", f"objective.init_adapter={smoke_run}", f"objective.train_file={trl_pairs(tmp_path)}",
+        run_dir, "objective=dpo", f"objective.init_adapter={smoke_run}", f"objective.train_file={pairs}",
         "trainer.max_steps=2")))
     assert metrics["global_step"] == 2 and all(math.isfinite(loss) for loss in losses(run_dir))
-    assert metrics["train_examples"] == 8 and metrics["tokens_seen"] > 0
+    assert metrics["train_examples"] == len(pairs.read_text().splitlines()) and metrics["tokens_seen"] > 0
     trained, sft = load_file(str(run_dir / "adapter" / "adapter_model.safetensors")), \
         load_file(str(smoke_run / "adapter" / "adapter_model.safetensors"))
     assert trained.keys() == sft.keys()  # the SFT adapter, continued
