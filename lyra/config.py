@@ -147,6 +147,77 @@ def _check_target_modules(target_modules) -> None:
              f"string; got {target_modules!r}")
 
 
+OBJECTIVES = ("sft", "dpo", "orpo")
+# Keys of the objective node that lyra reads itself; the rest are kwargs of TRL's DPOConfig / ORPOConfig.
+OBJECTIVE_LYRA_KEYS = ("name", "init_adapter", "train_file", "eval_file", "metric", "direction")
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def init_adapter_path(value) -> Path:
+    """objective.init_adapter as an adapter dir: a run dir's adapter/, or an adapter dir itself."""
+    key = "objective.init_adapter"
+    _require(isinstance(value, str) and value.strip() != "", key,
+             f"must be the dir of an SFT run (or of its adapter), got {value!r}")
+    path = resolve_user_path(value)
+    _require(path.is_dir(), key, f"not a directory: {path}")
+    adapter = path if (path / "adapter_config.json").is_file() else path / "adapter"
+    _require((adapter / "adapter_config.json").is_file(), key,
+             f"{path} holds no adapter (adapter_config.json), nor does {path / 'adapter'}: give an SFT run dir")
+    _require(any((adapter / name).is_file() for name in _ADAPTER_WEIGHTS), key,
+             f"{adapter} has no adapter weights ({' or '.join(_ADAPTER_WEIGHTS)})")
+    return adapter
+
+
+def _check_init_adapter(adapter: Path, cfg: DictConfig) -> None:
+    """DPO continues the adapter as trained: same base and LoRA shape, or PEFT would fail deep inside."""
+    import json
+
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    base = saved.get("base_model_name_or_path")
+    if base and str(base) != str(cfg.model.name_or_path):
+        same = Path(str(base)).expanduser().exists() and Path(str(base)).expanduser().resolve() == \
+            Path(str(cfg.model.name_or_path)).expanduser().resolve()
+        _require(same, "objective.init_adapter", f"{adapter} was trained on {base!r}, but model.name_or_path is "
+                                                 f"{cfg.model.name_or_path!r}: use the SFT run's model= and quantization=")
+    for key in ("r", "lora_alpha"):
+        _require(saved.get(key) == cfg.lora[key], f"lora.{key}",
+                 f"{adapter} was trained with lora.{key}={saved.get(key)}, not {cfg.lora[key]}: "
+                 "use the SFT run's lora settings")
+    trained, wanted = saved.get("target_modules") or [], cfg.lora.target_modules
+    if wanted != "all-linear" and not isinstance(wanted, str) and not isinstance(trained, str):
+        _require(sorted(trained) == sorted(wanted), "lora.target_modules",
+                 f"{adapter} was trained with {sorted(trained)}: use the SFT run's lora settings")
+
+
+def validate_objective(cfg: DictConfig) -> None:
+    """The objective group: sft, or dpo/orpo with their pair files, TRL knobs and (dpo) the SFT adapter."""
+    objective = cfg.get("objective")
+    _require(objective is not None and objective.get("name") in OBJECTIVES, "objective",
+             f"objective=NAME picks conf/objective/NAME.yaml: one of {', '.join(OBJECTIVES)}, got "
+             f"{objective.get('name') if objective is not None else None!r}")
+    name = objective.name
+    _require(name == "dpo" or "init_adapter" not in objective, "objective.init_adapter",
+             "applies to objective=dpo only (ORPO and SFT start from the base)")
+    if name == "sft":
+        extra = sorted(set(objective) - {"name", "metric", "direction"})
+        _require(not extra, f"objective.{extra[0] if extra else ''}",
+                 "is a preference knob: set objective=dpo or objective=orpo to use it")
+        return
+    for key in ("train_file", "init_adapter") if name == "dpo" else ("train_file",):
+        try:
+            OmegaConf.select(cfg, f"objective.{key}", throw_on_missing=True)
+        except MissingMandatoryValue:
+            what = "a file of preference pairs (python -m lyra.data pairs builds one)" if key == "train_file" \
+                else "the SFT run DPO continues (its adapter is also the frozen reference)"
+            raise UserError(f"objective.{key}", f"is required with objective={name}: {what}") from None
+    _check_file(cfg, "objective.train_file")
+    _check_file(cfg, "objective.eval_file")
+    beta = objective.get("beta")
+    _require(_is_number(beta) and beta > 0, "objective.beta", f"must be a number > 0, got {beta!r}")
+    if name == "dpo":
+        _check_init_adapter(init_adapter_path(objective.init_adapter), cfg)
+
+
 def validate(cfg: DictConfig) -> None:
     """Refuse bad values with one line naming the key and the allowed range."""
     validate_persona(cfg.get("persona"))  # first: data's files and system prompt default to the persona's
@@ -183,6 +254,7 @@ def validate(cfg: DictConfig) -> None:
     _require(data.get("on_invalid") in ("error", "skip"), "data.on_invalid", f"must be error or skip, got {data.get('on_invalid')}")
     _check_file(cfg, "data.train_file")
     _check_file(cfg, "data.eval_file")
+    validate_objective(cfg)
     resolve_dtype(cfg.model.dtype)
     if cfg.model.get("gguf"):  # a model converted from a GGUF in a wheel: the wheel must be there until converted
         if not (Path(cfg.model.name_or_path).expanduser() / "config.json").is_file():

@@ -313,9 +313,12 @@ def keep_4bit_weights_trainable(model) -> int:
     return changed
 
 
-def apply_lora(model, lora_cfg: DictConfig, gradient_checkpointing: bool = False):
-    """Wrap the base in a PEFT LoRA adapter; 4-bit bases are first prepared for k-bit training."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def apply_lora(model, lora_cfg: DictConfig, gradient_checkpointing: bool = False, init_adapter: Path | None = None):
+    """Wrap the base in a PEFT LoRA adapter; 4-bit bases are first prepared for k-bit training.
+
+    init_adapter: continue a trained adapter (its weights, trainable) instead of a fresh one from
+    lora_cfg (objective=dpo; lyra.config checks that its shape matches lora_cfg)."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     check_target_modules(model, lora_cfg.target_modules)
     kwargs: dict[str, Any] = OmegaConf.to_container(lora_cfg, resolve=True)
@@ -328,6 +331,8 @@ def apply_lora(model, lora_cfg: DictConfig, gradient_checkpointing: bool = False
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.enable_input_require_grads()
+    if init_adapter is not None:  # objective=dpo: continue the SFT adapter (its shape was validated)
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     try:
         return get_peft_model(model, config)
     except (TypeError, ValueError, NotImplementedError) as error:  # e.g. init_lora_weights=pissa on a 4-bit base

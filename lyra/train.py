@@ -4,6 +4,7 @@
     python -m lyra.train persona=lyra_en                  # another persona (conf/persona/)
     python -m lyra.train --config-dir my_conf persona=mara  # your own: my_conf/persona/mara.yaml
     python -m lyra.train experiment=smoke                 # tiny offline model on CPU, < 1 minute
+    python -m lyra.train objective=dpo objective.init_adapter=RUN objective.train_file=pairs.jsonl  # preference
     python -m lyra.train lora.r=16 lora.lora_alpha=32     # any key of conf/ can be overridden
     python -m lyra.train --cfg job                        # print the composed config
 
@@ -24,7 +25,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lyra.config import validate, validate_max_length
+from lyra.config import init_adapter_path, validate, validate_max_length
 from lyra.data import build_datasets
 from lyra.distributed import finish_process_group, rank_aware_argv
 from lyra.errors import UserError, exit_on_user_error
@@ -38,24 +39,33 @@ from lyra.threads import use_free_cores
 log = logging.getLogger("lyra.train")
 
 
-def build_training_args(trainer_cfg: DictConfig, run_dir: Path, dtype: torch.dtype, has_eval: bool):
-    """TrainingArguments from the trainer group; lyra owns output dir, reporting and precision."""
+def build_training_args(trainer_cfg: DictConfig, run_dir: Path, dtype: torch.dtype, has_eval: bool,
+                        objective: DictConfig | None = None, max_length: int | None = None):
+    """TrainingArguments from the trainer group; lyra owns output dir, reporting and precision.
+
+    objective=dpo|orpo: TRL's DPOConfig / ORPOConfig (TrainingArguments subclasses) with the
+    objective's knobs added (lyra.preference)."""
+    import dataclasses
+
     from transformers import TrainingArguments
 
     kwargs: dict[str, Any] = OmegaConf.to_container(trainer_cfg, resolve=True)
+    unknown = sorted(set(kwargs) - {field.name for field in dataclasses.fields(TrainingArguments)})
+    if unknown:  # an unknown kwarg in conf/trainer/*.yaml or an override
+        raise UserError(f"trainer.{unknown[0]}", "not a TrainingArguments option")
     if not has_eval:
         kwargs["eval_strategy"] = "no"
+    kwargs.update(output_dir=str(run_dir / "checkpoints"),
+                  report_to="none",  # lyra.tracking owns the W&B run (one per job)
+                  bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                  include_num_input_tokens_seen="non_padding", use_cpu=not torch.cuda.is_available())
+    if objective is not None and objective.name != "sft":
+        from lyra.preference import preference_args
+
+        return preference_args(objective, kwargs, max_length)
     try:
-        return TrainingArguments(
-            output_dir=str(run_dir / "checkpoints"),
-            report_to="none",  # lyra.tracking owns the W&B run (one per job)
-            bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16,
-            include_num_input_tokens_seen="non_padding",
-            use_cpu=not torch.cuda.is_available(),
-            **kwargs,
-        )
-    except TypeError as error:  # an unknown kwarg in conf/trainer/*.yaml or an override
+        return TrainingArguments(**kwargs)
+    except TypeError as error:
         raise UserError("trainer", f"not a TrainingArguments option: {error}") from None
 
 
@@ -84,6 +94,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lyra.data.collate import SHARED_ROW_LENGTHS
     from lyra.trainer import build_trainer
 
+    preference = cfg.objective.name != "sft"  # dpo | orpo: chosen/rejected pairs on TRL (lyra.preference)
+    if preference:  # TRL loads only for pair training
+        from lyra.preference import build_preference_datasets, build_preference_trainer
+
     run_dir = Path(cfg.paths.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     protect_run(run_dir)  # secrets masked in logs and .hydra/ from here on
@@ -95,31 +109,41 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = build_tokenizer(cfg.model)
     validate_max_length(cfg.data.max_length, cfg.data.system_prompt, tokenizer)
 
-    splits = build_datasets(cfg.data, tokenizer, cache_dir=cfg.paths.cache_dir)  # tokenized once per file
+    if preference:  # tokenized like SFT prompts: what chat shows the model, each reply to its turn end
+        splits = build_preference_datasets(cfg.objective, cfg.data, tokenizer)
+    else:
+        splits = build_datasets(cfg.data, tokenizer, cache_dir=cfg.paths.cache_dir)  # tokenized once per file
 
     dtype = resolve_dtype(cfg.model.dtype)
+    # before the model: a knob TRL refuses costs no model load
+    args = build_training_args(cfg.trainer, run_dir, dtype, has_eval=splits.eval is not None,
+                               objective=cfg.objective, max_length=cfg.data.max_length)
     quantization_config = build_quantization(cfg.quantization, dtype)
 
     model = build_model(cfg.model, quantization_config, dtype)
 
-    model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+    # dpo continues the SFT run's adapter (trainable); sft and orpo start a fresh one from cfg.lora
+    init_adapter = init_adapter_path(cfg.objective.init_adapter) if cfg.objective.name == "dpo" else None
+    model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+                       init_adapter=init_adapter)
     if cfg.model.get("lean_activations", True):  # same outputs, less kept for the backward (lyra.lean)
         log.info("lean activations: %s", lean_activations(model))
     trainable_params, total_params = count_parameters(model)
     log.info("LoRA: %s trainable of %s params", f"{trainable_params:,}", f"{total_params:,}")
 
-    args = build_training_args(cfg.trainer, run_dir, dtype, has_eval=splits.eval is not None)
     if args.process_index == 0:  # written first, so whatever adapter this run leaves can be loaded
         OmegaConf.save(scrub_config(cfg), run_dir / "resolved_config.yaml")
     wandb_run = start_run(cfg, run_dir) if args.process_index == 0 else None
     with closed_on_failure(wandb_run):  # a job that raises leaves no run open (sweeps go on in-process)
         # persona probes at evaluations, counted in the persona's words; eval=none: a no-op
         probes = PersonaProbeCallback(cfg.get("eval"), cfg.persona, cfg.data.system_prompt, wandb_run)
-        # supervised-only logits + shared prompt prefixes / dynamic padding / padding-free (lyra.trainer, lyra.loss, lyra.data.collate)
-        trainer = build_trainer(model, args, tokenizer, splits.train, splits.eval, cfg.data.padding_free,
-                                prefix_sharing=cfg.data.get("prefix_sharing", False),
-                                max_row_tokens=SHARED_ROW_LENGTHS * cfg.data.max_length,
-                                callbacks=([WandbLogCallback(wandb_run)] if wandb_run else []) + [probes])
+        callbacks = ([WandbLogCallback(wandb_run)] if wandb_run else []) + [probes]
+        if preference:  # TRL's DPO / ORPO loss on lyra's model and pairs; pairs are padded by TRL's collator
+            trainer = build_preference_trainer(cfg.objective, model, args, tokenizer, splits, callbacks)
+        else:  # supervised-only logits + shared prompt prefixes / dynamic padding / padding-free (lyra.trainer, lyra.loss, lyra.data.collate)
+            trainer = build_trainer(model, args, tokenizer, splits.train, splits.eval, cfg.data.padding_free,
+                                    prefix_sharing=cfg.data.get("prefix_sharing", False),
+                                    max_row_tokens=SHARED_ROW_LENGTHS * cfg.data.max_length, callbacks=callbacks)
 
         with guard_training(trainer, run_dir, cfg):  # atomic checkpoints; signals, OOM and crashes keep the adapter
             result = trainer.train(resume_from_checkpoint=resume_from)

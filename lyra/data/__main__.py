@@ -4,9 +4,12 @@
     python -m lyra.data validate FILE [FILE ...]        # exit 0 trainable, 1 with FILE:LINE problems
     python -m lyra.data validate chat.jsonl --label Kyon=user --label Haruhi=assistant   # speaker names
     python -m lyra.data stats [FILE] [--split eval] [--max-length N] [--json]
+    python -m lyra.data pairs run_dir=R --out pairs.jsonl [--from base|run] [--max-pairs N]
 
 `validate` and `stats` read and encode a file exactly as training does (`lyra.data.prepare`): a
-file `validate` passes trains. Without FILE, `stats` describes the embedded default-persona corpus (`--split train|eval`). User mistakes
+file `validate` passes trains. Preference pairs (chosen/rejected records, lyra.data.preference) are
+recognised by their first record and read, checked and counted as `objective=dpo|orpo` trains them.
+`pairs` builds persona pairs from a run (lyra.pairs). Without FILE, `stats` describes the embedded default-persona corpus (`--split train|eval`). User mistakes
 (a missing file, a bad option) print one `lyra: error: ...` line and exit 2, never a traceback.
 """
 
@@ -60,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="system prompt added to conversations without one (default: data.system_prompt)")
     stats.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     _add_label_option(stats)
+
+    pairs = commands.add_parser("pairs", help="chosen = the corpus reply, rejected = an out-of-character generation")
+    pairs.add_argument("run_dir", help="a training run's output dir (run_dir=DIR or DIR)")
+    pairs.add_argument("--out", required=True, help="the JSONL of pairs to write (atomic)")
+    pairs.add_argument("--from", dest="source", choices=("base", "run"), default="base",
+                       help="who writes the rejected reply: the base model (adapter off, default) or the run itself")
+    pairs.add_argument("--max-pairs", type=int, default=None,
+                       help="generate for a random sample of this many assistant turns (default: all)")
+    pairs.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    pairs.add_argument("--max-new-tokens", type=int, default=128, help="longest generated reply")
+    pairs.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    pairs.add_argument("--seed", type=int, default=0, help="the sample of turns and the sampling")
     return parser
 
 
@@ -91,11 +106,32 @@ def _prepare(path: Path, args, system_prompt: str | None):
     return prepare_file(path, qwen3_tokenizer(), system_prompt, parse_label_options(args.label), default_cache_dir())
 
 
+def _prepare_pairs(path: Path, system_prompt: str | None):
+    """A preference file read and encoded exactly as objective=dpo|orpo does (lyra.data.preference)."""
+    from lyra.data.preference import prepare_pairs
+    from lyra.data.stats import qwen3_tokenizer
+
+    return prepare_pairs(path, qwen3_tokenizer(), system_prompt)
+
+
 def run_validate(args) -> int:
+    from lyra.data.preference import is_preference_file
+
     _, system_prompt = _settings(args)
     failed = False
     for name in args.files:
         path = _existing_file(name)
+        if is_preference_file(path):
+            prepared = _prepare_pairs(path, system_prompt)
+            for note in prepared.notes():
+                print(note, file=sys.stderr)
+            if prepared.problems:
+                failed = True
+                print(format_problems(prepared.problems, limit=None))
+                print(f"{path}: {len(prepared.problems)} problem(s), {len(prepared.pairs)} valid pair(s)", file=sys.stderr)
+            else:
+                print(f"{path}: ok, {len(prepared.pairs)} preference pairs")
+            continue
         prepared = _prepare(path, args, system_prompt)
         problems = prepared.problems
         if problems:
@@ -124,6 +160,15 @@ def run_stats(args) -> int:
         path = corpus_file(split)
         source = f"{path.name} (embedded default-persona corpus, {split} split)"
     max_length, system_prompt = _settings(args)
+    from lyra.data.preference import format_pair_stats, is_preference_file, pair_stats
+
+    if is_preference_file(path):
+        prepared = _prepare_pairs(path, system_prompt)
+        if not prepared.pairs:
+            raise UserError(str(path), f"no usable pair:\n{format_problems(prepared.problems)}")
+        stats = {**pair_stats(prepared, max_length), "file": str(path), "skipped_invalid": prepared.skipped}
+        print(json.dumps(stats, ensure_ascii=False, indent=2) if args.json else format_pair_stats(stats, source))
+        return 0
     prepared = _prepare(path, args, system_prompt)
     if not prepared.conversations:
         raise UserError(str(path), f"no usable conversation:\n{format_problems(prepared.problems)}")
@@ -134,10 +179,40 @@ def run_stats(args) -> int:
     return 0
 
 
+def run_pairs(args) -> int:
+    from lyra.pairs import build_pairs, write_pairs
+    from lyra.paths import resolve_user_path
+    from lyra.runs import load_run
+
+    if args.max_pairs is not None and args.max_pairs < 1:
+        raise UserError("--max-pairs", f"must be >= 1, got {args.max_pairs}")
+    if args.batch_size < 1:
+        raise UserError("--batch-size", f"must be >= 1, got {args.batch_size}")
+    generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    if args.temperature == 0:
+        generation["do_sample"] = False
+    else:
+        import torch
+
+        torch.manual_seed(args.seed)
+    from lyra.generation import check_generation
+
+    check_generation(generation, key="--")  # before the model loads
+    run = load_run(args.run_dir.removeprefix("run_dir="), merge=False)  # PEFT: the adapter can be switched off
+    report = build_pairs(run, source=args.source, max_pairs=args.max_pairs, batch_size=args.batch_size,
+                         seed=args.seed, **generation)
+    out = resolve_user_path(args.out)
+    write_pairs(report.pairs, out)
+    print(report.summary())
+    print(f"wrote {len(report.pairs)} pairs to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with exit_on_user_error():
-        return {"convert": run_convert, "validate": run_validate, "stats": run_stats}[args.command](args)
+        return {"convert": run_convert, "validate": run_validate, "stats": run_stats,
+                "pairs": run_pairs}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -89,10 +89,12 @@ def file_type_problem(data: bytes, path: Path) -> Problem | None:
     return None
 
 
-def read_file(path: str | Path, labels: dict[str, str] | None = None) -> FileReport:
+def read_file(path: str | Path, labels: dict[str, str] | None = None, normalize=None) -> FileReport:
     """Every usable conversation of `path`, every problem in file order, the ignored fields and the counts.
 
-    `labels` maps speaker names and `.txt` labels to roles (label -> system|user|assistant).
+    `labels` maps speaker names and `.txt` labels to roles (label -> system|user|assistant). `normalize`
+    reads another kind of record with the same file handling (lyra.data.preference: pairs); it has
+    `normalize_record`'s signature.
     """
     path = Path(path)
     data = path.read_bytes()
@@ -130,7 +132,10 @@ def read_file(path: str | Path, labels: dict[str, str] | None = None) -> FileRep
         if progress is not None:
             progress.close()
     context = ReadContext(labels)
-    if sillytavern.claims(records):
+    if normalize is not None:
+        problems += parse_problems
+        conversations = _read_records(records, path, context, problems, normalize)
+    elif sillytavern.claims(records):
         conversations, record_problems = sillytavern.read(records, problems + parse_problems, path, context)
         problems = record_problems
     else:
@@ -145,14 +150,15 @@ def read_file(path: str | Path, labels: dict[str, str] | None = None) -> FileRep
     return FileReport(path, conversations, problems, context.ignored, context.counts, context.characters)
 
 
-def _read_records(records: list, path: Path, context: ReadContext, problems: list[Problem]) -> list[Conversation]:
+def _read_records(records: list, path: Path, context: ReadContext, problems: list[Problem],
+                  normalize=normalize_record) -> list[Conversation]:
     conversations = []
     for line_number, record in records:
         if is_character_card(record):
             problems.append(Problem(path, line_number, card_refusal(path)))
             continue
         context.line = line_number
-        conversation, error = normalize_record(record, f"{path.stem}-{line_number}", context)
+        conversation, error = normalize(record, f"{path.stem}-{line_number}", context)
         if conversation is not None:
             conversation.line = line_number
             conversations.append(conversation)

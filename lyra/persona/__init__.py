@@ -134,14 +134,12 @@ def persona_metrics(replies: Sequence, persona: Mapping,
         pool = [r for r, ask in zip(replies, asks) if check is None or ask is None or check in ask]
         return sum(bool(test(r)) for r in pool) / len(pool) if pool else None
 
-    in_language = LANGUAGES[language]
-    address, name = str(persona["user_address"]), str(persona["name"])
     tests: dict[str, Callable[[object], bool]] = {
         "think_leak_rate": lambda r: r.think_leak,
         "eos_rate": lambda r: r.ended_by_eos,
-        "address_rate": lambda r: address in r.text,
-        "self_name_rate": lambda r: name in r.text,
-        "language_rate": lambda r: in_language(r.text),
+        "address_rate": lambda r: passes(r.text, persona, "address"),
+        "self_name_rate": lambda r: passes(r.text, persona, "name"),
+        "language_rate": lambda r: passes(r.text, persona, "language"),
         "simplified_rate": lambda r: has_simplified(r.text),
     }
     metrics = {key: rate(key, tests[key]) for key in names if key in tests}
@@ -172,3 +170,30 @@ def persona_hold(by_turn: Sequence[Mapping[str, float]]) -> dict[str, float | No
         holds[hold_key(metric)] = end / start if start and end is not None else None
     defined = [min(value, 1.0) for value in holds.values() if value is not None]
     return {"persona_hold": sum(defined) / len(defined) if defined else None, **holds}
+
+
+# ---------------------------------------------------------------- per-reply checks
+
+# The persona checks one reply can fail, named as `python -m lyra.data pairs` reports them.
+PERSONA_CHECKS = ("address", "name", "language", "think")
+
+
+def passes(text: str, persona: Mapping, check: str) -> bool:
+    """Whether one clean reply passes a text check, in the persona's own words: "address" (says
+    user_address), "name" (says the character's name), "language" (written in persona.language).
+    The one definition behind address_rate, self_name_rate, language_rate and failed_checks."""
+    if check == "address":
+        return str(persona["user_address"]) in text
+    if check == "name":
+        return str(persona["name"]) in text
+    if check == "language":
+        return LANGUAGES[str(persona["language"])](text)
+    raise ValueError(f"unknown persona check {check!r}")
+
+
+def failed_checks(text: str, persona: Mapping, raw: str | None = None) -> list[str]:
+    """The persona checks one reply fails, in PERSONA_CHECKS order: the per-reply form of address_rate,
+    self_name_rate, language_rate and think_leak_rate. `raw`: the reply before think blocks were removed."""
+    think_leak = any(tag in (raw if raw is not None else text) for tag in ("<think>", "</think>"))
+    return [check for check in PERSONA_CHECKS
+            if (think_leak if check == "think" else not passes(text, persona, check))]

@@ -65,6 +65,8 @@ def _item_keys(record: dict) -> set[str]:
 def closest_format(record: dict) -> str:
     """One line: the record matches no shape; the nearest known one (by shared keys) and how to convert."""
     keys, items = set(record), _item_keys(record)
+    if {"chosen", "rejected"} <= keys:  # a preference pair is a known shape, just not one SFT trains on
+        return f'not a conversation shape lyra reads: {chat.UNSUPPORTED_RECORD_FIELDS["chosen"]}'
     scored = [(2 * len(keys & dialect.keys) + len(items & dialect.item_keys), -index, dialect)
               for index, dialect in enumerate(RECORD_DIALECTS)]
     score, _, dialect = max(scored, key=lambda entry: entry[:2])

@@ -36,10 +36,10 @@ UNSUPPORTED_RECORD_FIELDS = {
     "image": "images are not supported (lyra trains text-only chat); drop the field or the record",
     "videos": "videos are not supported (lyra trains text-only chat); drop the field or the record",
     "audios": "audio is not supported (lyra trains text-only chat); drop the field or the record",
-    "chosen": "a preference pair (chosen/rejected) is not supervised chat; keep the chosen reply as the last "
-              "assistant turn and drop chosen/rejected",
-    "rejected": "a preference pair (chosen/rejected) is not supervised chat; keep the chosen reply as the last "
-                "assistant turn and drop chosen/rejected",
+    "chosen": "a preference pair (chosen/rejected) is not supervised chat: train pairs with objective=dpo or "
+              "objective=orpo (objective.train_file=FILE, docs/preference.md)",
+    "rejected": "a preference pair (chosen/rejected) is not supervised chat: train pairs with objective=dpo or "
+                "objective=orpo (objective.train_file=FILE, docs/preference.md)",
 }
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 
