@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from lyra.data.dialects import normalize_record
 from lyra.data.dialects.base import ReadContext
@@ -42,6 +41,7 @@ from lyra.data.formats import read_file
 from lyra.data.records import FileReport, Problem
 from lyra.data.records import RecordError as _Bad
 from lyra.data.records import type_name as _type_name
+from lyra.data.stats import token_percentiles
 from lyra.data.tokenization import IGNORE_INDEX, EncodeStats, encode_turn, with_system_prompt
 
 SIDES = ("chosen", "rejected")
@@ -287,14 +287,6 @@ def prepare_pairs(path: str | Path, tokenizer, system_prompt: str | None) -> Pre
 
 # ------------------------------------------------------------------------------------------- stats
 
-def _percentiles(values: list[int]) -> dict[str, int]:
-    if not values:
-        return {"p50": 0, "p95": 0, "max": 0}
-    array = np.asarray(values)
-    return {"p50": int(np.percentile(array, 50, method="nearest")),
-            "p95": int(np.percentile(array, 95, method="nearest")), "max": int(array.max())}
-
-
 def pair_stats(prepared: PreparedPairs, max_length: int) -> dict[str, Any]:
     """Counts, duplicates, token lengths per part, and what max_length drops."""
     pairs = prepared.pairs
@@ -304,9 +296,9 @@ def pair_stats(prepared: PreparedPairs, max_length: int) -> dict[str, Any]:
         "pairs": len(pairs),
         "multi_turn_prompts": sum(sum(m["role"] == "user" for m in pair.prompt) >= 2 for pair in pairs),
         "duplicate_prompts": sum(count - 1 for count in prompts.values()),
-        "prompt_tokens": _percentiles([len(p) for p, _, _ in prepared.encoded]),
-        "chosen_tokens": _percentiles([len(c) for _, c, _ in prepared.encoded]),
-        "rejected_tokens": _percentiles([len(r) for _, _, r in prepared.encoded]),
+        "prompt_tokens": token_percentiles([len(p) for p, _, _ in prepared.encoded]),
+        "chosen_tokens": token_percentiles([len(c) for _, c, _ in prepared.encoded]),
+        "rejected_tokens": token_percentiles([len(r) for _, _, r in prepared.encoded]),
         "max_length": max_length,
         "over_max_length": fit.dropped_turns,
         "system_prompt_inserted": prepared.system_prompt_inserted,

@@ -51,7 +51,8 @@ def example_lengths(conversation: Conversation, tokenizer, system_prompt: str | 
             for messages in supervised_prefixes(conversation, system_prompt)]
 
 
-def _percentiles(values: list[int]) -> dict[str, int]:
+def token_percentiles(values: list[int]) -> dict[str, int]:
+    """p50, p95 and max of token lengths (0s for none): what stats prints for every kind of data."""
     if not values:
         return {"p50": 0, "p95": 0, "max": 0}
     array = np.asarray(values)
@@ -90,8 +91,8 @@ def prepared_stats(prepared: Prepared, max_length: int) -> dict[str, Any]:
                   if role != "tool" or roles[role]},  # tool results only where there are any
         "duplicate_assistant_replies": duplicate_replies,
         "duplicate_user_messages": sum(count - 1 for count in users.values() if count > 1),
-        "example_tokens": _percentiles(lengths),
-        "conversation_tokens": _percentiles(longest),
+        "example_tokens": token_percentiles(lengths),
+        "conversation_tokens": token_percentiles(longest),
         "max_length": max_length,
         "over_max_length": {
             "conversations": truncation.truncated_conversations,
