@@ -32,6 +32,7 @@ from lyra.persona.cards import import_card, plan_persona, read_card, read_card_b
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "cards"
+REAL = REPO_ROOT / "tests" / "fixtures" / "real"  # public files, byte for byte (README there)
 
 
 def fixture(name: str) -> dict:
@@ -519,3 +520,18 @@ def test_export_card_of_the_smoke_run_round_trips(smoke_run, tmp_path):
     first = next(messages for messages in chats if messages and messages[0]["role"] == "user")
     assert turns(examples[0])[:2] == [(m["role"], m["content"].strip()) for m in first[:2]]
     assert written["data"]["mes_example"].count("<START>") == cards.MAX_EXPORT_EXAMPLES
+
+
+def test_the_real_text_generation_webui_example_character(tmp_path, monkeypatch):
+    """tests/fixtures/real/tgw_Example.yaml is text-generation-webui's own characters/Example.yaml, as
+    published (oobabooga/text-generation-webui): a real file, not one shaped after it."""
+    monkeypatch.chdir(tmp_path)
+    result = import_card(str(REAL / "tgw_Example.yaml"), "my_conf", user_address="Sam")
+    persona = validated(tmp_path / "my_conf" / "persona" / f"{result.slug}.yaml")
+    assert persona.name == "Chiharu Yamada" and persona.language == "en"
+    assert persona.system_prompt.startswith("Chiharu Yamada's Persona: Chiharu Yamada is a young, computer engineer")
+    greeting, example = seed(tmp_path / persona.train_file)
+    assert turns(greeting)[0][0] == "assistant" and turns(greeting)[0][1].startswith("*Chiharu strides into the room")
+    assert turns(example)[:2] == [("user", "So how did you get into computer engineering?"),
+                                  ("assistant", "I've always loved tinkering with technology since I was a kid.")]
+    assert len(turns(example)) == 10 and "{{" not in json.dumps(example)
