@@ -133,7 +133,7 @@ def measure(model, tokenizer, splits, probes, persona, system_prompt: str, eval_
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """The evaluate app for a composed conf/evaluate.yaml; returns what it writes to the JSON."""
     from lyra.data import build_datasets
-    from lyra.runs import NO_ADAPTER, load_run, load_run_config, run_dir_path, run_persona
+    from lyra.runs import NO_ADAPTER, load_run, open_run, run_persona
 
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise UserError("run_dir", "is required: python -m lyra.evaluate run_dir=<training output dir>")
@@ -141,11 +141,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise UserError("eval", "eval=none leaves nothing to evaluate; use eval=probes")
     if cfg.compare_base and str(cfg.adapter).lower() == NO_ADAPTER:
         raise UserError("compare_base", "adapter=none already evaluates the bare base; drop one of the two")
-    run_dir = run_dir_path(cfg.run_dir)
-    persona = run_persona(load_run_config(run_dir), run_dir)
+    files = open_run(cfg.run_dir, cfg.adapter)  # the untrusted-run-dir checks, once
+    run_dir = files.path
+    persona = run_persona(files.cfg, run_dir)
     validate_probes(cfg.eval, persona)
     probes = selected_probes(cfg.eval, persona)
-    run = load_run(run_dir, adapter=cfg.adapter, device=cfg.device)
+    run = load_run(files, device=cfg.device)
     data_cfg = eval_data_config(run.cfg, run_dir, cfg.eval_file)
 
     splits = build_datasets(data_cfg, run.tokenizer)

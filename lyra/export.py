@@ -93,8 +93,7 @@ def export(cfg: DictConfig) -> Path:
     """Merge and save; returns the output dir. Writes nothing but output_dir."""
     from lyra.generation import check_generation, generation_config
     from lyra.modeling import training_device
-    from lyra.runs import (adapter_dir, check_adapter_base, load_full_precision_merged, load_run_config,
-                           load_run_tokenizer, run_dir_path)
+    from lyra.runs import load_full_precision_merged, load_run_tokenizer, open_run
 
     for key in ("run_dir", "output_dir"):
         if OmegaConf.is_missing(cfg, key):
@@ -108,14 +107,12 @@ def export(cfg: DictConfig) -> Path:
     generation: dict[str, Any] = OmegaConf.to_container(cfg.generation, resolve=True)
     check_generation(generation)
     dtype = export_dtype(cfg.dtype)
-    run_dir = run_dir_path(cfg.run_dir)
+    files = open_run(cfg.run_dir, cfg.adapter)  # the untrusted-run-dir checks (lyra.runs)
+    run_dir, run_cfg, adapter_path = files.path, files.cfg, files.adapter_path
     output_dir = resolve_user_path(cfg.output_dir)
     check_output_dir(output_dir, run_dir, cfg.overwrite)
-    run_cfg = load_run_config(run_dir)
-    adapter_path = adapter_dir(run_dir, cfg.adapter)
     if adapter_path is None:
         raise UserError("adapter", "export merges an adapter; adapter=none would only copy the base model")
-    check_adapter_base(adapter_path, run_cfg.model)
     tokenizer = load_run_tokenizer(run_dir, adapter_path, run_cfg.model)
     system_prompt = run_cfg.data.get("system_prompt") or ""
     chat_template = tokenizer.chat_template
