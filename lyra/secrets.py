@@ -1,7 +1,9 @@
 """Keeping secrets out of everything a run writes: saved config, metrics, logs, W&B config.
 
-A secret is the value of `WANDB_API_KEY`, `HF_TOKEN`, or any environment variable whose name
-looks like a credential (`*TOKEN*`, `*KEY*`, `*SECRET*`, `*PASSWORD*`, ...). Such values reach a
+A secret is the value of `WANDB_API_KEY`, `HF_TOKEN`, `LYRA_WEB_AUTH`, or any environment variable
+whose name looks like a credential (`*TOKEN*`, `*KEY*`, `*SECRET*`, `*PASSWORD*`, ...), the password
+part of each `user:password` line in `LYRA_WEB_AUTH`, and any value registered with
+`register_secret` (the web page's passwords from `auth=` or `auth_file=`). Such values reach a
 config through `${oc.env:HF_TOKEN}` interpolation or a shell-expanded override; lyra masks them as
 `***` wherever it writes:
 
@@ -25,11 +27,22 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 MASK = "***"
-ALWAYS_SECRET = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
+ALWAYS_SECRET = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY", "LYRA_WEB_AUTH")
+# Variables holding `user:password` lines: the password alone is masked too (a log may quote it alone).
+USER_PASSWORD_VARS = ("LYRA_WEB_AUTH",)
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 # Shorter values (TOKENIZERS_PARALLELISM=false, SOME_KEY=1) are flags, and masking them would
 # shred unrelated text; no real credential is this short.
 MIN_SECRET_LENGTH = 8
+
+
+_registered: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Mask `value` in this process from now on: a secret that came from a file or an override, not the env."""
+    if len(value) >= MIN_SECRET_LENGTH:
+        _registered.add(value)
 
 
 def is_secret_name(name: str) -> bool:
@@ -37,10 +50,17 @@ def is_secret_name(name: str) -> bool:
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Secret values in the environment, longest first so a value containing another is masked whole."""
+    """Secret values in the environment (and, for this process's own, the registered ones), longest
+    first so a value containing another is masked whole."""
+    registered = _registered if environ is None else set()
     environ = os.environ if environ is None else environ
     values = {value for name, value in environ.items() if is_secret_name(name) and len(value) >= MIN_SECRET_LENGTH}
-    return sorted(values, key=len, reverse=True)
+    for name in USER_PASSWORD_VARS:
+        for line in environ.get(name, "").splitlines():
+            password = line.partition(":")[2].strip()
+            if len(password) >= MIN_SECRET_LENGTH:
+                values.add(password)
+    return sorted(values | registered, key=len, reverse=True)
 
 
 def scrub_text(text: str, secrets: list[str] | None = None) -> str:
