@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -158,10 +159,15 @@ def export(cfg: DictConfig) -> Path:
         }
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, ensure_ascii=False, indent=2) + "\n",
                                                encoding="utf-8")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)  # only reached when empty or overwrite=true
         _publishable(staging)
-        staging.rename(output_dir)
+        if output_dir.exists():  # only reached when empty or overwrite=true
+            # renamed aside, then deleted: a kill leaves output_dir whole (old or new) or absent, never half
+            aside = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
+            os.replace(output_dir, aside / output_dir.name)
+            staging.rename(output_dir)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            staging.rename(output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

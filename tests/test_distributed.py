@@ -6,6 +6,7 @@ rank 0 only, and nothing else anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -67,3 +68,24 @@ def test_two_process_cpu_run_writes_one_adapter_and_one_wandb_run(tmp_path, smal
     assert sum("train split:" in line for line in log_lines) == 1
     assert sum("train split:" in line for line in result.stdout.splitlines() + result.stderr.splitlines()) == 2
     assert "terminate called" not in full_log
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_every_way_out_of_a_job_tears_the_process_group_down(tmp_path, fails):
+    """A rank that leaves with a live gloo group can abort ("terminate called without an active
+    exception"): success and failure both destroy it (one-rank group, so no peer is needed)."""
+    import torch.distributed as dist
+
+    from lyra.distributed import process_group_teardown
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="rank failed") if fails else contextlib.nullcontext():
+            with process_group_teardown():
+                dist.barrier()
+                if fails:
+                    raise RuntimeError("rank failed")
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
