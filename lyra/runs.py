@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_ADAPTER = "adapter_model.bin"  # PEFT would torch.load it: never opened from a run dir
 # Formats that unpickle (or may) when loaded: a run dir's copies are never opened, and named in a warning.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
+# adapter=checkpoints/checkpoint-N: the Trainer's own resume state in it is expected (and still never opened)
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
+_TRAINER_STATE_FILE = re.compile(r"^(optimizer\.pt|scheduler\.pt|rng_state(_\d+)?\.pth|training_args\.bin)$")
 DEFAULT_PERSONA = "lyra"  # what runs from before the persona group were trained with
 
 
@@ -182,11 +186,12 @@ def check_run_config(cfg: DictConfig, config_file: Path) -> None:
                                        f"lyra loads no pickled (*.bin) base models")
         return
     cache = lyra_cache_dir()
-    if (model.get("build") or gguf) and path.is_relative_to(cache):
+    built_by_lyra = bool(model.get("build") or gguf)
+    if built_by_lyra and path.is_relative_to(cache):
         return  # lyra builds (tiny) or converts (GGUF) it there on first use
-    raise UserError("run_dir", f"{config_file}: model.name_or_path {path} is not a model directory here "
-                               f"(no config.json{'' if not (model.get('build') or gguf) else f', and lyra builds models only under {cache}'}); "
-                               f"put the base model there or fix the path in the run's config")
+    why = f"no config.json, and lyra builds models only under {cache}" if built_by_lyra else "no config.json"
+    raise UserError("run_dir", f"{config_file}: model.name_or_path {path} is not a model directory here ({why}); "
+                               "put the base model there or fix the path in the run's config")
 
 
 def launch_dir(run_dir: Path) -> Path | None:
@@ -253,7 +258,8 @@ def warn_pickles(run_dir: Path, adapter_path: Path | None) -> list[Path]:
     """
     places = {run_dir, run_dir / DEFAULT_ADAPTER, *([adapter_path] if adapter_path else [])}
     found = sorted(p for place in places if place.is_dir() for p in place.iterdir()
-                   if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+                   if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES
+                   and not (_CHECKPOINT_DIR.match(place.name) and _TRAINER_STATE_FILE.match(p.name)))
     if found:
         log.warning("%s holds pickle-format files lyra never loads: %s", run_dir,
                     ", ".join(str(p.relative_to(run_dir)) for p in found))

@@ -6,7 +6,7 @@
 Starts `python -m lyra.web` on 127.0.0.1 (a free port, a login from a temp auth file, greedy
 replies of --max-new-tokens tokens), sends --warmup requests, reads the server's RSS, then lets
 --clients threads (each its own logged-in gradio_client.Client) send /chat requests until
---requests have been sent or --time-cap seconds have passed. Reports, as one JSON object:
+--requests have been sent or --time-cap seconds have passed; a refused client waits --backoff s. Reports, as one JSON object:
 
 - served (a reply came back), refused (Gradio's queue was full: `max_queue_size`), failed (anything
   else: an error, a timeout), and requests not sent when the time cap hit;
@@ -138,10 +138,12 @@ def load(url: str, args) -> dict:
                 reply = client.predict(message, [], api_name="/chat")
             except QueueError:
                 record("refused")
+                time.sleep(args.backoff)  # as a polite client would, instead of hammering a full queue
                 continue
             except AppError as error:
                 queue_full = "queue" in str(error).lower() and "full" in str(error).lower()
                 record("refused" if queue_full else "failed", error=None if queue_full else str(error)[:80])
+                time.sleep(args.backoff if queue_full else 0)
                 continue
             except Exception as error:
                 record("failed", error=f"{type(error).__name__}: {str(error)[:80]}")
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=500, help="total requests sent, all clients together")
     parser.add_argument("--warmup", type=int, default=3, help="requests before the first RSS reading")
     parser.add_argument("--time-cap", type=float, default=300, help="seconds; unsent requests are reported")
+    parser.add_argument("--backoff", type=float, default=1.0, help="seconds a refused client waits before its next request")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--max-queue-size", type=int, default=32, help="the server's max_queue_size")
     parser.add_argument("--max-rss-growth-mb", type=float, default=200, help="exit 1 above this growth")
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
     growth = rss_after - rss_before
-    report = {"clients": args.clients, "requests": args.requests, "time_cap_s": args.time_cap,
+    report = {"clients": args.clients, "requests": args.requests, "time_cap_s": args.time_cap, "backoff_s": args.backoff,
               "max_queue_size": args.max_queue_size, "max_new_tokens": args.max_new_tokens, **result,
               "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
               "rss_growth_mb": round(growth, 1), "max_rss_growth_mb": args.max_rss_growth_mb,

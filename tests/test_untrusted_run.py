@@ -168,3 +168,18 @@ def test_a_chat_template_unlike_the_bases_is_warned_about(smoke_run, tmp_path, c
     open_run(run_dir)
     lines = [r.getMessage() for r in caplog.records if "chat template" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith(f"the chat template in {run_dir}/adapter differs from its base model's")
+
+
+def test_a_checkpoint_adapters_own_trainer_files_are_not_flagged_but_a_planted_pickle_is(smoke_run, tmp_path, caplog):
+    from lyra.runs import open_run
+
+    run_dir = _copy_run(smoke_run, tmp_path / "run")
+    shutil.copytree(smoke_run / "checkpoints" / "checkpoint-8", run_dir / "checkpoints" / "checkpoint-8")
+    assert (run_dir / "checkpoints" / "checkpoint-8" / "optimizer.pt").is_file()
+    caplog.set_level(logging.WARNING, logger="lyra.runs")
+    open_run(run_dir, adapter="checkpoints/checkpoint-8")
+    assert not [r for r in caplog.records if "pickle-format" in r.getMessage()]
+    (run_dir / "checkpoints" / "checkpoint-8" / "adapter_model.bin").write_bytes(b"planted")
+    open_run(run_dir, adapter="checkpoints/checkpoint-8")
+    assert [r.getMessage() for r in caplog.records if "pickle-format" in r.getMessage()] == [
+        f"{run_dir} holds pickle-format files lyra never loads: checkpoints/checkpoint-8/adapter_model.bin"]
