@@ -6,7 +6,9 @@ seeded random time, rerun the same command, and check that nothing half-written 
     scripts/chaos_train.sh 30                        # the same, as a shell command
 
 First it runs each command once uninterrupted (the reference, and its duration T). Each trial then
-starts the command in a fresh dir, sends SIGKILL after uniform(0, T) seconds (seeded), and checks:
+starts the command in a fresh dir, sends SIGKILL after uniform(0, T) seconds (seeded; a trial that
+finishes before its kill lowers T to its own duration, so a busy machine during the reference does
+not leave most trials unkilled), and checks:
 
 - after the kill, every `checkpoints/checkpoint-N`, `adapter/`, tokenized-cache file and export
   that exists under its final name is complete (lyra's own completeness rule, and every
@@ -188,10 +190,13 @@ def main() -> int:
             shutil.rmtree(cache / "tokenized", ignore_errors=True)  # the cache write is a kill target too
         cmd = command(kind, target, reference_run)
         kill_after = rng.uniform(0, durations[kind])
+        started = time.monotonic()
         process = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             process.wait(timeout=kill_after)
             killed = False  # finished first: a trial without a kill
+            # the reference ran slower (a busy machine): later kill times are drawn within this faster run
+            durations[kind] = min(durations[kind], time.monotonic() - started)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
             process.wait()
