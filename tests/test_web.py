@@ -288,13 +288,13 @@ def test_bounds_are_enforced_server_side(web_chat):
 # ---------------------------------------------------------------- the server's API
 
 def test_page_and_api_refuse_without_credentials(web_server):
-    import requests
+    import httpx  # gradio_client's own HTTP client
     from gradio_client import Client
     from gradio_client.exceptions import AuthenticationError
 
     for path in ("config", "gradio_api/info"):  # what the page needs to render, and the API's schema
-        assert requests.get(web_server + path, timeout=10).status_code == 401
-    call = requests.post(web_server + "gradio_api/call/chat", json={"data": ["你好", []]}, timeout=10)
+        assert httpx.get(web_server + path, timeout=10).status_code == 401
+    call = httpx.post(web_server + "gradio_api/call/chat", json={"data": ["你好", []]}, timeout=10)
     assert call.status_code == 401 and "Not authenticated" in call.text
     with pytest.raises(AuthenticationError, match="credentials were not provided"):
         Client(web_server, verbose=False)
