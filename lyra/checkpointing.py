@@ -206,9 +206,18 @@ def resolve_resume(resume: str, overwrite: bool, run_dir: Path, lora_cfg: DictCo
 # ------------------------------------------------------------------------------ atomic checkpoints
 
 def _publish(staged: Path, final: Path) -> None:
-    """Move a fully written directory into place; a stale `final` (same step, older run) goes first."""
+    """Move a fully written directory into place; a stale `final` (same step, older run) goes first.
+
+    The stale one is renamed aside before it is deleted, so a kill at any moment leaves `final`
+    either whole (old or new) or absent, never half deleted (scripts/chaos.py kills at random).
+    """
     if final.exists():
-        shutil.rmtree(final)
+        aside = final.parent / f".{final.name}.stale"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        os.replace(staged, final)
+        shutil.rmtree(aside, ignore_errors=True)
+        return
     os.replace(staged, final)
 
 

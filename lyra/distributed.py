@@ -13,8 +13,9 @@ rank 0 writes the adapter, metrics.json and the W&B run (`lyra.train`).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from lyra.errors import UserError
 
@@ -56,3 +57,28 @@ def finish_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def abort_process_group() -> None:
+    """Tear the group down without waiting for the other ranks: this rank is failing."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # the original error is what the user must see
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group_teardown() -> Iterator[None]:
+    """Every way out of a training job tears the process group down on this rank.
+
+    Done: `finish_process_group` (barrier, then destroy). Failing: destroy at once, so this rank
+    exits with its own error instead of gloo's abort; the other ranks see a closed peer. A no-op in
+    a single-process run.
+    """
+    try:
+        yield
+    except BaseException:
+        abort_process_group()
+        raise
+    finish_process_group()

@@ -147,7 +147,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """The evaluate app for a composed conf/evaluate.yaml; returns what it writes to the JSON."""
     from lyra.data import build_datasets
     from lyra.drift import format_drift_table, plan_drift
-    from lyra.runs import DEFAULT_ADAPTER, NO_ADAPTER, load_run, load_run_config, run_dir_path, run_persona
+    from lyra.runs import DEFAULT_ADAPTER, NO_ADAPTER, load_run, open_run, run_persona
     from lyra.tracking import update_run_summary
 
     if OmegaConf.is_missing(cfg, "run_dir"):
@@ -156,18 +156,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise UserError("eval", "eval=none leaves nothing to evaluate; use eval=probes")
     if cfg.compare_base and str(cfg.adapter).lower() == NO_ADAPTER:
         raise UserError("compare_base", "adapter=none already evaluates the bare base; drop one of the two")
-    run_dir = run_dir_path(cfg.run_dir)
-    run_cfg = load_run_config(run_dir)
-    persona = run_persona(run_cfg, run_dir)
+    files = open_run(cfg.run_dir, cfg.adapter)  # the untrusted-run-dir checks, once
+    run_dir = files.path
+    persona = run_persona(files.cfg, run_dir)
     validate_probes(cfg.eval, persona)
     probes = selected_probes(cfg.eval, persona)
     if cfg.targets is not None:
         if cfg.drift.turns:
             raise UserError("drift.turns", "the parity check runs the probes only; drop drift.turns or targets")
         return check_parity(cfg, run_dir, persona, probes)
-    data_cfg = eval_data_config(run_cfg, run_dir, cfg.eval_file)
+    data_cfg = eval_data_config(files.cfg, run_dir, cfg.eval_file)
     drift = plan_drift(cfg.drift, data_cfg, cfg.eval, persona)  # None with drift.turns=0; checked before the model
-    run = load_run(run_dir, adapter=cfg.adapter, device=cfg.device)
+    run = load_run(files, device=cfg.device)
 
     splits = build_datasets(data_cfg, run.tokenizer)
     measured = measure(run.model, run.tokenizer, splits, probes, persona, run.system_prompt, cfg.eval, drift)

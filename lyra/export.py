@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -87,8 +88,7 @@ def export(cfg: DictConfig) -> Path:
     """Merge and save; returns the output dir. Writes nothing but output_dir."""
     from lyra.generation import check_generation, generation_config
     from lyra.modeling import training_device
-    from lyra.runs import (adapter_dir, check_adapter_base, load_full_precision_merged, load_run_config,
-                           load_run_tokenizer, run_dir_path)
+    from lyra.runs import load_full_precision_merged, load_run_tokenizer, open_run
 
     for key in ("run_dir", "output_dir"):
         if OmegaConf.is_missing(cfg, key):
@@ -104,14 +104,12 @@ def export(cfg: DictConfig) -> Path:
     generation: dict[str, Any] = OmegaConf.to_container(cfg.generation, resolve=True)
     check_generation(generation)
     dtype = export_dtype(cfg.dtype)
-    run_dir = run_dir_path(cfg.run_dir)
+    files = open_run(cfg.run_dir, cfg.adapter)  # the untrusted-run-dir checks (lyra.runs)
+    run_dir, run_cfg, adapter_path = files.path, files.cfg, files.adapter_path
     output_dir = resolve_user_path(cfg.output_dir)
     check_output_dir(output_dir, run_dir, cfg.overwrite)
-    run_cfg = load_run_config(run_dir)
-    adapter_path = adapter_dir(run_dir, cfg.adapter)
     if adapter_path is None:
         raise UserError("adapter", "export merges an adapter; adapter=none would only copy the base model")
-    check_adapter_base(adapter_path, run_cfg.model)
     tokenizer = load_run_tokenizer(run_dir, adapter_path, run_cfg.model)
     system_prompt = run_cfg.data.get("system_prompt") or ""
     chat_template = tokenizer.chat_template
@@ -157,10 +155,15 @@ def export(cfg: DictConfig) -> Path:
         }
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, ensure_ascii=False, indent=2) + "\n",
                                                encoding="utf-8")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)  # only reached when empty or overwrite=true
         _publishable(staging)
-        staging.rename(output_dir)
+        if output_dir.exists():  # only reached when empty or overwrite=true
+            # renamed aside, then deleted: a kill leaves output_dir whole (old or new) or absent, never half
+            aside = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
+            os.replace(output_dir, aside / output_dir.name)
+            staging.rename(output_dir)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            staging.rename(output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -10,7 +10,17 @@
 A run dir is what `python -m lyra.train` writes: `resolved_config.yaml` (the config with every
 interpolation resolved, so the base model, quantization, persona and system prompt match what was trained;
 `.hydra/config.yaml` still holds unresolved `${...}`) and `adapter/` (adapter weights, tokenizer,
-chat template). Used by `lyra.chat`, `lyra.export`, `lyra.evaluate` and the web UI.
+chat template). Used by `lyra.chat`, `lyra.export`, `lyra.evaluate`, the web UI and the server.
+
+A run dir may come from someone else, so every loader enters it through `open_run`, which treats
+it as untrusted (docs/security.md): lyra reads only YAML, JSON, safetensors and tokenizer text
+from it; an adapter shipped only as a pickle (`adapter_model.bin`) is refused, other pickles
+(`*.bin`, `*.pt`, ...) are named in a warning and never opened; a `_target_` key or a `${...}`
+interpolation anywhere in `resolved_config.yaml` is refused (lyra instantiates nothing from a run's
+config, and an interpolation could read the server's environment into a page); the run's
+`model.trust_remote_code: true` is ignored with a warning; a local `model.name_or_path` must be a
+model dir with safetensors weights (or, for a model lyra builds itself, a path in lyra's cache);
+and a tokenizer whose chat template differs from its base model's is warned about.
 
 Inference speed: a full-precision base gets the adapter merged into its weights in memory
 (`merge=None`, the default), so every token costs one matmul per layer instead of W x + B A x
@@ -24,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +50,13 @@ log = logging.getLogger(__name__)
 RUN_CONFIG = "resolved_config.yaml"
 DEFAULT_ADAPTER = "adapter"
 NO_ADAPTER = "none"
-_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_ADAPTER = "adapter_model.bin"  # PEFT would torch.load it: never opened from a run dir
+# Formats that unpickle (or may) when loaded: a run dir's copies are never opened, and named in a warning.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
+# adapter=checkpoints/checkpoint-N: the Trainer's own resume state in it is expected (and still never opened)
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
+_TRAINER_STATE_FILE = re.compile(r"^(optimizer\.pt|scheduler\.pt|rng_state(_\d+)?\.pth|training_args\.bin)$")
 DEFAULT_PERSONA = "lyra"  # what runs from before the persona group were trained with
 
 
@@ -102,12 +119,79 @@ def run_dir_path(run_dir: str | Path | None) -> Path:
 
 
 def load_run_config(run_dir: Path) -> DictConfig:
-    """The run's resolved training config."""
-    cfg = OmegaConf.load(run_dir / RUN_CONFIG)
+    """The run's resolved training config, checked as untrusted input (`check_run_config`)."""
+    config_file = run_dir / RUN_CONFIG
+    try:
+        cfg = OmegaConf.load(config_file)
+    except Exception as error:  # YAML syntax, or a top-level list: one line, not a traceback
+        raise UserError("run_dir", f"{config_file} is not a readable config ({type(error).__name__})") from None
+    if not isinstance(cfg, DictConfig):
+        raise UserError("run_dir", f"{config_file} is not a mapping; is it a lyra run?")
     for key in ("model", "quantization", "data"):
-        if key not in cfg:
-            raise UserError("run_dir", f"{run_dir / RUN_CONFIG} has no `{key}` section; is it a lyra run?")
+        if not isinstance(cfg.get(key), DictConfig):
+            raise UserError("run_dir", f"{config_file} has no `{key}` section; is it a lyra run?")
+    check_run_config(cfg, config_file)
     return cfg
+
+
+def _config_items(value: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, key, value) for every key of a plain (unresolved) config tree, depth first."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        yield dotted, key, child
+        yield from _config_items(child, dotted)
+
+
+def lyra_cache_dir() -> Path:
+    """Where lyra builds and converts base models on this machine (train.yaml's paths.cache_dir)."""
+    import os
+
+    return Path(os.environ.get("LYRA_CACHE") or Path.home() / ".cache" / "lyra").expanduser().resolve()
+
+
+def check_run_config(cfg: DictConfig, config_file: Path) -> None:
+    """No value in a run's config may make lyra import or run code, or read outside what it names.
+
+    Refused (one line): `_target_` anywhere (Hydra's instantiate key; lyra instantiates nothing from a
+    run, but a config that holds one was edited to), any `${...}` interpolation (lyra saves the config
+    resolved; `${oc.env:...}` would copy this machine's secrets into a system prompt shown on a page),
+    a local base model path that is not a safetensors model dir, and a dotted `model.gguf.package`
+    (finding a dotted module imports its parent). `model.trust_remote_code: true` is ignored with a
+    warning: its loading code would come from wherever `model.name_or_path` points.
+    """
+    for dotted, key, value in _config_items(OmegaConf.to_container(cfg, resolve=False)):
+        if key == "_target_":
+            raise UserError("run_dir", f"{config_file} holds `{dotted}`: lyra never instantiates anything from a "
+                                       f"run's config; this run dir was edited, do not use it")
+        if isinstance(value, str) and "${" in value:
+            raise UserError("run_dir", f"{config_file}: `{dotted}` is an interpolation; lyra saves configs "
+                                       f"resolved, so this run dir was edited, do not use it")
+    model = cfg.model
+    if model.get("trust_remote_code"):
+        log.warning("%s asks for model.trust_remote_code=true: ignored, lyra never runs code named by a run dir "
+                    "(a base that needs it fails to load)", config_file)
+        model.trust_remote_code = False
+    gguf = model.get("gguf")
+    if gguf and not str(gguf.get("package", "")).isidentifier():
+        raise UserError("run_dir", f"{config_file}: model.gguf.package {gguf.get('package')!r} is not a plain module name")
+    name = str(model.get("name_or_path") or "")
+    path = Path(name).expanduser()
+    if not (name.startswith(("/", "~", ".")) or path.exists()):
+        return  # a hub id: transformers reads safetensors only (use_safetensors=True in lyra.modeling)
+    path = path.resolve()
+    if (path / "config.json").is_file():
+        if not any(path.glob("*.safetensors")):
+            raise UserError("run_dir", f"{config_file}: model.name_or_path {path} has no *.safetensors weights; "
+                                       f"lyra loads no pickled (*.bin) base models")
+        return
+    cache = lyra_cache_dir()
+    built_by_lyra = bool(model.get("build") or gguf)
+    if built_by_lyra and path.is_relative_to(cache):
+        return  # lyra builds (tiny) or converts (GGUF) it there on first use
+    why = f"no config.json, and lyra builds models only under {cache}" if built_by_lyra else "no config.json"
+    raise UserError("run_dir", f"{config_file}: model.name_or_path {path} is not a model directory here ({why}); "
+                               "put the base model there or fix the path in the run's config")
 
 
 def launch_dir(run_dir: Path) -> Path | None:
@@ -158,9 +242,104 @@ def adapter_dir(run_dir: Path, adapter: str | None) -> Path | None:
         raise UserError("adapter", f"no adapter directory {path}{hint}")
     if not (path / "adapter_config.json").is_file():
         raise UserError("adapter", f"{path} has no adapter_config.json; is it a LoRA adapter dir?")
-    if not any((path / name).is_file() for name in _ADAPTER_WEIGHTS):
-        raise UserError("adapter", f"{path} has no adapter weights ({' or '.join(_ADAPTER_WEIGHTS)})")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        if (path / PICKLE_ADAPTER).is_file():
+            raise UserError("adapter", f"{path} holds only {PICKLE_ADAPTER}, a pickle that can run code when loaded; "
+                                       f"lyra loads {ADAPTER_WEIGHTS} only (convert it where you trust its source)")
+        raise UserError("adapter", f"{path} has no adapter weights ({ADAPTER_WEIGHTS})")
     return path
+
+
+def warn_pickles(run_dir: Path, adapter_path: Path | None) -> list[Path]:
+    """Name (one line) the pickle-format files lying where lyra loads from; none of them is ever opened.
+
+    Checkpoints' optimizer.pt / rng_state.pth are the Trainer's own (only `resume` reads them, on the
+    machine that wrote them), so only the run's top level, its adapter/ and the chosen adapter dir count.
+    """
+    places = {run_dir, run_dir / DEFAULT_ADAPTER, *([adapter_path] if adapter_path else [])}
+    found = sorted(p for place in places if place.is_dir() for p in place.iterdir()
+                   if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES
+                   and not (_CHECKPOINT_DIR.match(place.name) and _TRAINER_STATE_FILE.match(p.name)))
+    if found:
+        log.warning("%s holds pickle-format files lyra never loads: %s", run_dir,
+                    ", ".join(str(p.relative_to(run_dir)) for p in found))
+    return found
+
+
+def chat_template_text(directory: Path) -> str | None:
+    """A tokenizer dir's chat template, read as text (chat_template.jinja, else tokenizer_config.json)."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = directory / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except (ValueError, AttributeError):
+            return None
+        return template if isinstance(template, str) else None
+    return None
+
+
+def base_model_dir(model_cfg: DictConfig) -> Path | None:
+    """The base model's local dir if it is on disk already (a local path, or a hub id in the HF cache)."""
+    name = str(model_cfg.name_or_path)
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a hub id
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def check_chat_template(run_dir: Path, adapter_path: Path | None, model_cfg: DictConfig) -> bool:
+    """Warn (one line) when the run's tokenizer formats chats differently from its base model's own.
+
+    lyra saves the base's template unchanged, so a difference means the run dir was edited: a
+    template decides what the model is shown (a hidden system prompt, say). Returns whether they differ.
+    """
+    tokenizer_dir = next((d for d in (adapter_path, run_dir / DEFAULT_ADAPTER)
+                          if d is not None and (d / "tokenizer_config.json").is_file()), None)
+    base_dir = base_model_dir(model_cfg)
+    if tokenizer_dir is None or base_dir is None:
+        return False
+    run_template, base_template = chat_template_text(tokenizer_dir), chat_template_text(base_dir)
+    if run_template == base_template:
+        return False
+    log.warning("the chat template in %s differs from its base model's (%s): the run's own is used; "
+                "compare them if the run is not yours", tokenizer_dir, base_dir)
+    return True
+
+
+@dataclass
+class RunFiles:
+    """A run dir opened and checked by `open_run`: what every loader builds from."""
+
+    path: Path
+    cfg: DictConfig
+    adapter_path: Path | None
+
+
+def open_run(run_dir: str | Path | RunFiles, adapter: str | None = DEFAULT_ADAPTER) -> RunFiles:
+    """The one way into a run dir (chat, web, serve, evaluate, export): every untrusted-input check.
+
+    Reads only resolved_config.yaml, adapter_config.json and tokenizer text here; refuses in one
+    line what could run code (`check_run_config`, a pickle-only adapter), warns about the rest.
+    """
+    if isinstance(run_dir, RunFiles):
+        return run_dir
+    path = run_dir_path(run_dir)
+    cfg = load_run_config(path)
+    adapter_path = adapter_dir(path, adapter)
+    if adapter_path is not None:
+        check_adapter_base(adapter_path, cfg.model)
+    warn_pickles(path, adapter_path)
+    check_chat_template(path, adapter_path, cfg.model)
+    return RunFiles(path, cfg, adapter_path)
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -249,19 +428,19 @@ def load_full_precision_merged(cfg: DictConfig, adapter_path: Path, dtype, devic
     return apply_adapter(model, adapter_path).merge_and_unload().eval()
 
 
-def load_run(run_dir: str | Path, adapter: str = DEFAULT_ADAPTER, device: str | None = None,
+def load_run(run_dir: str | Path | RunFiles, adapter: str = DEFAULT_ADAPTER, device: str | None = None,
              merge: bool | None = None) -> LoadedRun:
     """Rebuild a trained run for generation: base model as trained + adapter + the run's tokenizer.
 
+    run_dir: a path, or what `open_run` returned (then `adapter` is the one it was opened with).
     adapter: a dir relative to run_dir ("adapter", "checkpoints/checkpoint-8"), an absolute dir,
     or "none" for the bare base. device: None = cuda:0 if available, else cpu. merge: None = merge
     the adapter into a full-precision base for speed (4-bit bases keep PEFT); False = always PEFT.
     """
-    path = run_dir_path(run_dir)
-    cfg = load_run_config(path)
-    adapter_path = adapter_dir(path, adapter)
-    if adapter_path is not None:
-        check_adapter_base(adapter_path, cfg.model)
+    files = open_run(run_dir, adapter)
+    path, cfg, adapter_path = files.path, files.cfg, files.adapter_path
+    adapter = str(adapter_path.relative_to(path)) if adapter_path and adapter_path.is_relative_to(path) else (
+        str(adapter_path) if adapter_path else NO_ADAPTER)
     tokenizer = load_run_tokenizer(path, adapter_path, cfg.model)
     model = build_run_base(cfg, device)
     base_weights: dict[str, Any] = {}

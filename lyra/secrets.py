@@ -1,8 +1,10 @@
 """Keeping secrets out of everything a run writes: saved config, metrics, logs, W&B config.
 
-A secret is the value of `WANDB_API_KEY`, `HF_TOKEN`, or any environment variable whose name
-looks like a credential (`*TOKEN*`, `*KEY*`, `*SECRET*`, `*PASSWORD*`, ...; `LYRA_API_KEY` too), plus
-any value handed to `register_secret` (lyra.serve's `api_key=` given on the command line). Such values reach a
+A secret is the value of `WANDB_API_KEY`, `HF_TOKEN`, `LYRA_WEB_AUTH`, `LYRA_API_KEY`, or any
+environment variable whose name looks like a credential (`*TOKEN*`, `*KEY*`, `*SECRET*`, `*PASSWORD*`,
+...), the password part of each `user:password` line in `LYRA_WEB_AUTH`, and any value registered with
+`register_secret` (the web page's passwords from `auth=` or `auth_file=`, lyra.serve's `api_key=`
+given on the command line). Such values reach a
 config through `${oc.env:HF_TOKEN}` interpolation or a shell-expanded override; lyra masks them as
 `***` wherever it writes:
 
@@ -26,7 +28,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 MASK = "***"
-ALWAYS_SECRET = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
+ALWAYS_SECRET = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY", "LYRA_WEB_AUTH")
+# Variables holding `user:password` lines: the password alone is masked too (a log may quote it alone).
+USER_PASSWORD_VARS = ("LYRA_WEB_AUTH",)
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 # Shorter values (TOKENIZERS_PARALLELISM=false, SOME_KEY=1) are flags, and masking them would
 # shred unrelated text; no real credential is this short.
@@ -37,10 +41,10 @@ _registered: set[str] = set()
 
 
 def register_secret(value: str | None) -> None:
-    """Mask `value` too, though no environment variable holds it (e.g. lyra.serve's `api_key=` override).
-
-    lyra.serve refuses keys shorter than MIN_SECRET_LENGTH, so every registered value is masked."""
-    if value:
+    """Mask `value` in this process from now on: a secret that came from a file or an override, not the
+    env (web passwords, lyra.serve's api_key=). Both refuse secrets shorter than MIN_SECRET_LENGTH, the
+    shortest value masked."""
+    if value and len(value) >= MIN_SECRET_LENGTH:
         _registered.add(str(value))
 
 
@@ -49,11 +53,16 @@ def is_secret_name(name: str) -> bool:
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Secret values in the environment (and the registered ones, unless `environ` is given), longest
+    """Secret values in the environment (and, for this process's own, the registered ones), longest
     first so a value containing another is masked whole."""
     registered = _registered if environ is None else set()
     environ = os.environ if environ is None else environ
     values = {value for name, value in environ.items() if is_secret_name(name) and len(value) >= MIN_SECRET_LENGTH}
+    for name in USER_PASSWORD_VARS:
+        for line in environ.get(name, "").splitlines():
+            password = line.partition(":")[2].strip()
+            if len(password) >= MIN_SECRET_LENGTH:
+                values.add(password)
     return sorted(values | registered, key=len, reverse=True)
 
 

@@ -25,11 +25,9 @@ Bodies and messages are capped before any tokenization. Any bind but loopback ne
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -42,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lyra.cli import hydra_app
 from lyra.errors import UserError
+from lyra.network import check_port_free, is_loopback
 
 log = logging.getLogger("lyra.serve")  # not __name__: run as -m it is __main__, outside lyra's log level
 
@@ -71,16 +70,6 @@ class ServeSettings:
     max_message_chars: int
     max_tokens_limit: int
     max_prompt_tokens: int
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and `localhost`; a hostname or 0.0.0.0 may reach the network."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def resolve_api_key(cfg: DictConfig) -> str | None:
@@ -122,12 +111,7 @@ def check_serve_config(cfg: DictConfig) -> ServeSettings:
     if default_new is not None and default_new > settings.max_tokens_limit:
         raise UserError("generation.max_new_tokens", f"{default_new} is above max_tokens_limit "
                                                      f"({settings.max_tokens_limit}); raise the limit or lower it")
-    from lyra.web import check_port_free
-
-    try:
-        check_port_free(settings.host, settings.port)
-    except UserError as error:
-        raise UserError("port", error.message) from None
+    check_port_free(settings.host, settings.port, key="port")
     return settings
 
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lyra.config import init_adapter_path, validate, validate_max_length
 from lyra.data import build_datasets
-from lyra.distributed import finish_process_group, rank_aware_argv
+from lyra.distributed import process_group_teardown, rank_aware_argv
 from lyra.errors import UserError, exit_on_user_error
 from lyra.lean import lean_activations
 from lyra.modeling import (apply_lora, build_model, build_quantization, build_tokenizer, count_parameters,
@@ -114,52 +114,54 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     else:
         splits = build_datasets(cfg.data, tokenizer, cache_dir=cfg.paths.cache_dir)  # tokenized once per file
 
-    dtype = resolve_dtype(cfg.model.dtype)
-    # before the model: a knob TRL refuses costs no model load
-    args = build_training_args(cfg.trainer, run_dir, dtype, has_eval=splits.eval is not None,
-                               objective=cfg.objective, max_length=cfg.data.max_length)
-    quantization_config = build_quantization(cfg.quantization, dtype)
+    # accelerate/torchrun: on success no rank exits before rank 0 has saved (barrier); on failure the
+    # group is torn down at once, so no rank exits with a live gloo/NCCL group (lyra.distributed)
+    with process_group_teardown():
+        dtype = resolve_dtype(cfg.model.dtype)
+        # before the model: a knob TRL refuses costs no model load
+        args = build_training_args(cfg.trainer, run_dir, dtype, has_eval=splits.eval is not None,
+                                   objective=cfg.objective, max_length=cfg.data.max_length)
+        quantization_config = build_quantization(cfg.quantization, dtype)
 
-    model = build_model(cfg.model, quantization_config, dtype)
+        model = build_model(cfg.model, quantization_config, dtype)
 
-    # dpo continues the SFT run's adapter (trainable); sft and orpo start a fresh one from cfg.lora
-    init_adapter = init_adapter_path(cfg.objective.init_adapter) if cfg.objective.name == "dpo" else None
-    model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
-                       init_adapter=init_adapter)
-    if cfg.model.get("lean_activations", True):  # same outputs, less kept for the backward (lyra.lean)
-        log.info("lean activations: %s", lean_activations(model))
-    trainable_params, total_params = count_parameters(model)
-    log.info("LoRA: %s trainable of %s params", f"{trainable_params:,}", f"{total_params:,}")
+        # dpo continues the SFT run's adapter (trainable); sft and orpo start a fresh one from cfg.lora
+        init_adapter = init_adapter_path(cfg.objective.init_adapter) if cfg.objective.name == "dpo" else None
+        model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+                           init_adapter=init_adapter)
+        if cfg.model.get("lean_activations", True):  # same outputs, less kept for the backward (lyra.lean)
+            log.info("lean activations: %s", lean_activations(model))
+        trainable_params, total_params = count_parameters(model)
+        log.info("LoRA: %s trainable of %s params", f"{trainable_params:,}", f"{total_params:,}")
 
-    if args.process_index == 0:  # written first, so whatever adapter this run leaves can be loaded
-        OmegaConf.save(scrub_config(cfg), run_dir / "resolved_config.yaml")
-    wandb_run = start_run(cfg, run_dir) if args.process_index == 0 else None
-    with closed_on_failure(wandb_run):  # a job that raises leaves no run open (sweeps go on in-process)
-        # persona probes at evaluations, counted in the persona's words; eval=none: a no-op
-        probes = PersonaProbeCallback(cfg.get("eval"), cfg.persona, cfg.data.system_prompt, wandb_run)
-        callbacks = ([WandbLogCallback(wandb_run)] if wandb_run else []) + [probes]
-        if preference:  # TRL's DPO / ORPO loss on lyra's model and pairs; pairs are padded by TRL's collator
-            trainer = build_preference_trainer(cfg.objective, model, args, tokenizer, splits, callbacks)
-        else:  # supervised-only logits + shared prompt prefixes / dynamic padding / padding-free (lyra.trainer, lyra.loss, lyra.data.collate)
-            trainer = build_trainer(model, args, tokenizer, splits.train, splits.eval, cfg.data.padding_free,
-                                    prefix_sharing=cfg.data.get("prefix_sharing", False),
-                                    max_row_tokens=SHARED_ROW_LENGTHS * cfg.data.max_length, callbacks=callbacks)
+        if args.process_index == 0:  # written first, so whatever adapter this run leaves can be loaded
+            OmegaConf.save(scrub_config(cfg), run_dir / "resolved_config.yaml")
+        wandb_run = start_run(cfg, run_dir) if args.process_index == 0 else None
+        with closed_on_failure(wandb_run):  # a job that raises leaves no run open (sweeps go on in-process)
+            # persona probes at evaluations, counted in the persona's words; eval=none: a no-op
+            probes = PersonaProbeCallback(cfg.get("eval"), cfg.persona, cfg.data.system_prompt, wandb_run)
+            callbacks = ([WandbLogCallback(wandb_run)] if wandb_run else []) + [probes]
+            if preference:  # TRL's DPO / ORPO loss on lyra's model and pairs; pairs are padded by TRL's collator
+                trainer = build_preference_trainer(cfg.objective, model, args, tokenizer, splits, callbacks)
+            else:  # supervised-only logits + shared prompt prefixes / dynamic padding / padding-free (lyra.trainer, lyra.loss, lyra.data.collate)
+                trainer = build_trainer(model, args, tokenizer, splits.train, splits.eval, cfg.data.padding_free,
+                                        prefix_sharing=cfg.data.get("prefix_sharing", False),
+                                        max_row_tokens=SHARED_ROW_LENGTHS * cfg.data.max_length, callbacks=callbacks)
 
-        with guard_training(trainer, run_dir, cfg):  # atomic checkpoints; signals, OOM and crashes keep the adapter
-            result = trainer.train(resume_from_checkpoint=resume_from)
-        adapter_dir = run_dir / "adapter"
-        if trainer.is_world_process_zero():
-            save_adapter(trainer, adapter_dir)  # first: nothing after this line can cost the trained weights
-            log.info("adapter and tokenizer saved in %s", adapter_dir)
-
-        with keep_adapter_after_training(run_dir, adapter_dir):  # a failure below: one line, exit 1
-            metrics = collect_metrics(trainer, result, splits, probes, args, trainable_params, total_params)
+            with guard_training(trainer, run_dir, cfg):  # atomic checkpoints; signals, OOM and crashes keep the adapter
+                result = trainer.train(resume_from_checkpoint=resume_from)
+            adapter_dir = run_dir / "adapter"
             if trainer.is_world_process_zero():
-                trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
-                (run_dir / "metrics.json").write_text(json.dumps(scrub(metrics), indent=2) + "\n")
-                log.info("metrics saved in %s", run_dir / "metrics.json")
-            finish_run(wandb_run, metrics, adapter_dir=adapter_dir if cfg.logger and cfg.logger.log_adapter else None)
-    finish_process_group()  # accelerate/torchrun: no rank exits before rank 0 has saved
+                save_adapter(trainer, adapter_dir)  # first: nothing after this line can cost the trained weights
+                log.info("adapter and tokenizer saved in %s", adapter_dir)
+
+            with keep_adapter_after_training(run_dir, adapter_dir):  # a failure below: one line, exit 1
+                metrics = collect_metrics(trainer, result, splits, probes, args, trainable_params, total_params)
+                if trainer.is_world_process_zero():
+                    trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
+                    (run_dir / "metrics.json").write_text(json.dumps(scrub(metrics), indent=2) + "\n")
+                    log.info("metrics saved in %s", run_dir / "metrics.json")
+                finish_run(wandb_run, metrics, adapter_dir=adapter_dir if cfg.logger and cfg.logger.log_adapter else None)
     return metrics
 
 

@@ -3,7 +3,8 @@
     pip install -e '.[web]'
     python -m lyra.web run_dir=outputs/2026-01-01/12-00-00          # http://127.0.0.1:7860
     python -m lyra.web run_dir=R server_port=8080 generation.temperature=0.3
-    python -m lyra.web run_dir=R server_name=0.0.0.0                # your network can reach it (no login!)
+    LYRA_WEB_AUTH=ana:long-password python -m lyra.web run_dir=R server_name=0.0.0.0   # your network, with a login
+    python -m lyra.web run_dir=R server_name=0.0.0.0 auth_file=users.txt             # user:password lines
 
 The page is titled with the run's persona name (from its resolved_config.yaml; `title=` overrides
 it) and streams the replies through the terminal chat's own path (lyra.generation's fitted prompt
@@ -17,10 +18,19 @@ event shares one concurrency slot) and `WebChat.lock` guards the model, so a com
 flips the adapter off under someone else's reply. Inputs are bounded (`max_input_chars`,
 `max_prompt_tokens`, `max_new_tokens_limit`, `max_queue_size`).
 
+A page reachable beyond this machine (`server_name` other than 127.0.0.1/localhost/::1, or
+`share=true`) needs a login: without credentials it refuses to start (one line, exit 2, before the
+model loads). Credentials (`auth=user:password`, else `auth_file=`, else the `LYRA_WEB_AUTH`
+environment variable, one `user:password` per line) go to Gradio's own `auth`, so the page shows
+its login form and the API answers only a client that logs in. Passwords are registered with
+lyra.secrets, so no log line shows them; prefer the file or the variable (a command line is
+visible to `ps`).
+
 Programmatic use, from any machine that reaches the server:
 
     from gradio_client import Client
     Client("http://127.0.0.1:7860/").predict("Hello", [], api_name="/chat")   # -> reply text
+    Client(url, auth=("ana", "long-password")).predict(...)                   # a page with a login
 
 Gradio never phones home from here: analytics and its version check are off, `share` is false by
 default, and the page loads no fonts or scripts from the web.
@@ -32,7 +42,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lyra.cli import hydra_app
 from lyra.errors import UserError
+from lyra.network import check_port_free, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +71,65 @@ def require_gradio():
 
 
 # ---------------------------------------------------------------- page settings
+
+AUTH_ENV = "LYRA_WEB_AUTH"
+
+
+def parse_credentials(text: str, key: str | None, source: str | None = None) -> list[tuple[str, str]]:
+    """`user:password` lines (blank lines and # comments skipped) as Gradio's auth list.
+
+    Errors name the line, never the password. Each password is registered with lyra.secrets so a
+    log line quoting it is masked; one shorter than the masking minimum is refused.
+    """
+    from lyra.secrets import MIN_SECRET_LENGTH, register_secret
+
+    credentials: list[tuple[str, str]] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, colon, password = line.partition(":")
+        user = user.strip()
+        where = f"{source} line {number}: " if source else ""
+        if not colon or not user or any(c.isspace() for c in user):
+            raise UserError(key, f"{where}must be user:password")
+        if len(password) < MIN_SECRET_LENGTH:
+            raise UserError(key, f"{where}the password of {user!r} is shorter than {MIN_SECRET_LENGTH} characters")
+        if any(user == known for known, _ in credentials):
+            raise UserError(key, f"{where}user {user!r} is given twice")
+        register_secret(password)
+        credentials.append((user, password))
+    if not credentials:
+        raise UserError(key, f"{source or 'it'} holds no user:password line")
+    return credentials
+
+
+def web_auth(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> list[tuple[str, str]] | None:
+    """The page's logins, or None for an open page; an open page off loopback is refused (one line)."""
+    from lyra.paths import resolve_user_path
+
+    if cfg.auth is not None and cfg.auth_file is not None:
+        raise UserError("auth", "give auth=user:password or auth_file=FILE, not both")
+    credentials = None
+    if cfg.auth is not None:
+        credentials = parse_credentials(str(cfg.auth), "auth")
+    elif cfg.auth_file is not None:
+        path = resolve_user_path(cfg.auth_file)
+        if not path.is_file():
+            raise UserError("auth_file", f"no such file: {path}")
+        credentials = parse_credentials(path.read_text(encoding="utf-8"), "auth_file", str(path))
+        if path.stat().st_mode & 0o077:
+            log.warning("%s is readable by other users of this machine: chmod 600 it", path)
+    elif environ.get(AUTH_ENV):
+        credentials = parse_credentials(environ[AUTH_ENV], None, AUTH_ENV)
+    exposed = ("share=true puts the page on a public gradio.live link" if cfg.share else
+               None if is_loopback(str(cfg.server_name)) else
+               f"server_name={cfg.server_name} serves the page beyond this machine")
+    if exposed and credentials is None:
+        raise UserError("auth", f"{exposed}, so it needs a login: set {AUTH_ENV}=user:password, or give "
+                                "auth_file=FILE (user:password lines) or auth=user:password")
+    return credentials
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -94,17 +163,6 @@ def check_web_config(cfg: DictConfig) -> Limits:
     if port is not None:
         check_port_free(cfg.server_name, port)
     return limits
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Fail before the model loads, not after, when another server already holds the port."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            raise UserError("server_port", f"cannot listen on {host}:{port} ({error.strerror}); "
-                                           f"stop the other server or pick another port (null = first free)") from None
 
 
 def page_title(persona, title: str | None = None) -> str:
@@ -343,14 +401,18 @@ def serve(cfg: DictConfig) -> None:
     """Load the run and serve its page until Ctrl-C."""
     from lyra.runs import load_run
 
+    from lyra.secrets import install_log_scrubber
+
     gr = require_gradio()
+    auth = web_auth(cfg)  # first: an exposed page without a login never loads anything
+    install_log_scrubber()  # the passwords web_auth registered are masked in every log record
     limits = check_web_config(cfg)
     run = load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device)
     chat = WebChat(run, OmegaConf.to_container(cfg.generation, resolve=True), limits)
     page = build_page(chat, page_title(run.persona, cfg.title), gr)
     page.queue(max_size=limits.max_queue_size, default_concurrency_limit=1)
     page.launch(server_name=cfg.server_name, server_port=cfg.server_port, share=cfg.share, ssr_mode=False,
-                show_error=True, mcp_server=False)
+                show_error=True, mcp_server=False, auth=auth)
 
 
 @hydra_app("web")

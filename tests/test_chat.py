@@ -202,7 +202,7 @@ def test_bad_run_dirs_get_one_clear_line(smoke_run, tmp_path):
                                       "training did not finish); pass the output dir of `python -m lyra.train`"))
     no_weights = _copy_run(smoke_run, tmp_path / "no_weights")
     (no_weights / "adapter" / "adapter_model.safetensors").unlink()
-    cases.append((no_weights, "adapter: {p}/adapter has no adapter weights (adapter_model.safetensors or adapter_model.bin)"))
+    cases.append((no_weights, "adapter: {p}/adapter has no adapter weights (adapter_model.safetensors)"))
     other_base = _copy_run(smoke_run, tmp_path / "other_base")
     config_file = other_base / "adapter" / "adapter_config.json"
     config = json.loads(config_file.read_text())

@@ -6,6 +6,7 @@ rank 0 only, and nothing else anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -51,15 +52,40 @@ def test_two_process_cpu_run_writes_one_adapter_and_one_wandb_run(tmp_path, smal
                "--num_processes", "2", "-m", "lyra.train", "experiment=smoke", "trainer.max_steps=2",
                "trainer.eval_steps=2", "trainer.save_strategy=no", "eval=none", *small_corpus, "hydra.run.dir=ddp"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Both ranks' full output, not a tail: rank 1's lines can sit anywhere in the interleaved stream.
+    full_log = f"exit {result.returncode}\n--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+    (tmp_path / "launch.log").write_text(full_log)  # tmp_path is not a run dir: checked below without it
+    assert result.returncode == 0, full_log
     run_dir = tmp_path / "ddp"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_step"] == 2
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert len(_offline_runs(run_dir / "wandb")) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "home"]  # no stray rank dirs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "home", "launch.log"]  # no stray rank dirs
     assert _offline_runs(tmp_path / "home") == []
     # rank 1 logs to stdout only: the run's log holds rank 0's lines once
     log_lines = (run_dir / "train.log").read_text().splitlines()
     assert sum("train split:" in line for line in log_lines) == 1
     assert sum("train split:" in line for line in result.stdout.splitlines() + result.stderr.splitlines()) == 2
+    assert "terminate called" not in full_log
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_every_way_out_of_a_job_tears_the_process_group_down(tmp_path, fails):
+    """A rank that leaves with a live gloo group can abort ("terminate called without an active
+    exception"): success and failure both destroy it (one-rank group, so no peer is needed)."""
+    import torch.distributed as dist
+
+    from lyra.distributed import process_group_teardown
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="rank failed") if fails else contextlib.nullcontext():
+            with process_group_teardown():
+                dist.barrier()
+                if fails:
+                    raise RuntimeError("rank failed")
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -73,6 +73,32 @@ def test_log_records_are_masked_for_every_handler(planted):
     assert stream.getvalue() == f"login with {MASK} and {MASK}\nkey={MASK}\n"
 
 
+def test_web_passwords_are_masked_in_logs_configs_and_wandb_summaries(monkeypatch):
+    """The web page's logins: LYRA_WEB_AUTH (whole value and each password alone) and the passwords
+    lyra.web registers from auth= / auth_file=, in log records and in what resolved_config.yaml and
+    W&B get (scrub_config / scrub)."""
+    from lyra.web import parse_credentials
+
+    monkeypatch.setenv("LYRA_WEB_AUTH", "ana:env-password-1\nbo:env-password-2")
+    monkeypatch.setattr("lyra.secrets._registered", set())
+    assert parse_credentials("cy:file-password-3", "auth_file", "users.txt") == [("cy", "file-password-3")]
+    install_log_scrubber()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("lyra.test_secrets.web")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("login %s / %s / %s", "env-password-2", "file-password-3", "ana:env-password-1\nbo:env-password-2")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == f"login {MASK} / {MASK} / {MASK}\n"
+    config = OmegaConf.create({"web": {"auth": "cy:file-password-3", "env": "${oc.env:LYRA_WEB_AUTH}"}})
+    assert OmegaConf.to_container(scrub_config(config)) == {"web": {"auth": f"cy:{MASK}", "env": MASK}}
+    assert scrub({"note": "bo:env-password-2"}) == {"note": f"bo:{MASK}"}
+    assert "file-password-3" not in secret_values({})  # registered values are this process's own, not any env's
+
+
 def test_hydra_records_of_shell_expanded_overrides_are_masked(planted, tmp_path):
     (tmp_path / "overrides.yaml").write_text(f"- +hub.token={planted['HF_TOKEN']}\n- lora.r=8\n")
     scrub_files(tmp_path)

@@ -29,6 +29,12 @@ GREEDY = {"do_sample": False, "repetition_penalty": 3.0, "max_new_tokens": MAX_N
 THINK_TAGS = ("<think>", "</think>")
 
 
+# The module's server runs with a login on loopback, so the form, the refusal and the API with
+# credentials are all tested on 127.0.0.1.
+USER, PASSWORD = "ana", "correct-horse-battery"
+AUTH = (USER, PASSWORD)
+
+
 def web_cfg(run_dir, *extra: str):
     return compose([f"run_dir={run_dir}", *extra], config_name="web")
 
@@ -91,6 +97,60 @@ def test_page_title_and_gradio_messages():
                                       {"role": "assistant", "content": ""}]  # the placeholder is not her words
 
 
+# ---------------------------------------------------------------- the login rule
+
+EXPOSED_LINE = ("auth: server_name=0.0.0.0 serves the page beyond this machine, so it needs a login: set "
+                "LYRA_WEB_AUTH=user:password, or give auth_file=FILE (user:password lines) or auth=user:password")
+
+
+@pytest.mark.parametrize(("overrides", "env", "expected"), [
+    (["server_name=0.0.0.0"], {}, EXPOSED_LINE),
+    (["share=true"], {}, "auth: share=true puts the page on a public gradio.live link, so it needs a login: set "
+                         "LYRA_WEB_AUTH=user:password, or give auth_file=FILE (user:password lines) or auth=user:password"),
+    (["server_name=::"], {}, "auth: server_name=:: serves the page beyond this machine"),
+    (["auth=ana:short"], {}, "auth: the password of 'ana' is shorter than 8 characters"),
+    (["auth=ana"], {}, "auth: must be user:password"),
+    (["auth=ana:long-enough-1", "auth_file=users.txt"], {}, "auth: give auth=user:password or auth_file=FILE, not both"),
+    (["server_name=0.0.0.0"], {"LYRA_WEB_AUTH": "ana:long-enough-1\nana:long-enough-2"},
+     "LYRA_WEB_AUTH line 2: user 'ana' is given twice"),
+    (["server_name=0.0.0.0", "auth_file=missing.txt"], {}, "auth_file: no such file: "),
+])
+def test_an_exposed_page_without_a_valid_login_is_refused(tmp_path, overrides, env, expected):
+    from lyra.errors import UserError
+    from lyra.web import web_auth
+
+    with pytest.raises(UserError) as error:
+        web_auth(web_cfg(tmp_path, *overrides), environ=env)
+    assert str(error.value).startswith(expected)
+    assert "long-enough" not in str(error.value)  # an error never quotes a password
+
+
+def test_logins_come_from_the_override_the_file_or_the_environment(tmp_path, monkeypatch):
+    from lyra.web import web_auth
+
+    monkeypatch.chdir(tmp_path)  # auth_file resolves against the launch dir
+    (tmp_path / "users.txt").write_text("# page users\nana:pass word:with colon\n\nbo:second-password\n")
+    (tmp_path / "users.txt").chmod(0o600)
+    for loopback in ("127.0.0.1", "localhost", "::1"):  # loopback: a login is optional
+        assert web_auth(web_cfg(tmp_path, f"server_name={loopback}"), environ={}) is None
+    assert web_auth(web_cfg(tmp_path, "server_name=0.0.0.0", "auth=ana:override-pass"), environ={}) == \
+        [("ana", "override-pass")]
+    assert web_auth(web_cfg(tmp_path, "share=true", "auth_file=users.txt"), environ={}) == \
+        [("ana", "pass word:with colon"), ("bo", "second-password")]
+    assert web_auth(web_cfg(tmp_path, "server_name=0.0.0.0"), environ={"LYRA_WEB_AUTH": "cy:env-password"}) == \
+        [("cy", "env-password")]
+
+
+def test_cli_refuses_an_exposed_page_in_one_line_before_loading(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("LYRA_WEB_AUTH", None)
+    result = subprocess.run([sys.executable, "-m", "lyra.web", f"run_dir={tmp_path / 'never-read'}",
+                             "server_name=0.0.0.0", "server_port=null"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == f"lyra: error: {EXPOSED_LINE}\n"
+
+
 # ---------------------------------------------------------------- a server subprocess, and the model in process
 
 def free_port() -> int:
@@ -113,10 +173,13 @@ def server_process(smoke_run, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("web-cwd")
     port = free_port()
     log_path = cwd.parent / "web-server.log"
+    users = cwd.parent / "web-users.txt"
+    users.write_text(f"{USER}:{PASSWORD}\n")
+    users.chmod(0o600)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "lyra.web", f"run_dir={smoke_run}", f"server_port={port}",
+            [sys.executable, "-m", "lyra.web", f"run_dir={smoke_run}", f"server_port={port}", f"auth_file={users}",
              *(f"generation.{key}={value}" for key, value in GREEDY.items())],
             cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -129,6 +192,7 @@ def server_process(smoke_run, tmp_path_factory):
             process.kill()
             process.wait()
     assert list(cwd.iterdir()) == []  # Hydra and Gradio wrote nothing into the launch dir
+    assert PASSWORD not in log_path.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -223,10 +287,26 @@ def test_bounds_are_enforced_server_side(web_chat):
 
 # ---------------------------------------------------------------- the server's API
 
+def test_page_and_api_refuse_without_credentials(web_server):
+    import httpx  # gradio_client's own HTTP client
+    from gradio_client import Client
+    from gradio_client.exceptions import AuthenticationError
+
+    for path in ("config", "gradio_api/info"):  # what the page needs to render, and the API's schema
+        assert httpx.get(web_server + path, timeout=10).status_code == 401
+    call = httpx.post(web_server + "gradio_api/call/chat", json={"data": ["你好", []]}, timeout=10)
+    assert call.status_code == 401 and "Not authenticated" in call.text
+    with pytest.raises(AuthenticationError, match="credentials were not provided"):
+        Client(web_server, verbose=False)
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(web_server, verbose=False, auth=(USER, "wrong-password"))
+    assert Client(web_server, verbose=False, auth=AUTH).view_api(return_format="dict")["named_endpoints"]["/chat"]
+
+
 def test_api_replies_streams_and_serves_three_at_once(web_server):
     from gradio_client import Client
 
-    client = Client(web_server, verbose=False)
+    client = Client(web_server, verbose=False, auth=AUTH)
     job = client.submit("你好，萊拉！", [], api_name="/chat")
     reply = job.result(timeout=120)
     steps = job.outputs()
@@ -236,7 +316,7 @@ def test_api_replies_streams_and_serves_three_at_once(web_server):
 
     history = [{"role": "user", "content": "你好，萊拉！"}, {"role": "assistant", "content": reply}]
     asks = [("我今天有點累", True), ("推薦一本書", True), ("我今天有點累", False)]  # 3 visitors at once
-    jobs = [Client(web_server, verbose=False).submit(message, history, None, None, None, adapter, api_name="/chat")
+    jobs = [Client(web_server, verbose=False, auth=AUTH).submit(message, history, None, None, None, adapter, api_name="/chat")
             for message, adapter in asks]
     replies = [job.result(timeout=180) for job in jobs]
     assert all(isinstance(r, str) and r and not any(tag in r for tag in THINK_TAGS) for r in replies)
@@ -271,7 +351,7 @@ def chromium_or_skip() -> str:
 
 
 @pytest.mark.browser
-def test_browser_types_a_message_and_gets_streamed_replies(web_server, tmp_path):
+def test_browser_logs_in_types_a_message_and_gets_streamed_replies(web_server, tmp_path):
     chromium = chromium_or_skip()
     from playwright.sync_api import expect, sync_playwright
 
@@ -282,6 +362,15 @@ def test_browser_types_a_message_and_gets_streamed_replies(web_server, tmp_path)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("request", lambda request: requested_hosts.add(request.url.split("/")[2]))
             page.goto(web_server)
+            # Gradio's login form first: a wrong password is refused, the right one opens the page
+            page.get_by_label("username").fill(USER)
+            page.get_by_label("password").fill("wrong-password")
+            page.get_by_role("button", name="Login").click()
+            expect(page.get_by_text("Incorrect Credentials")).to_be_visible(timeout=30_000)
+            expect(page.locator("#lyra-header")).to_have_count(0)
+            page.get_by_label("username").fill(USER)
+            page.get_by_label("password").fill(PASSWORD)
+            page.get_by_role("button", name="Login").click()
             expect(page.locator("#lyra-header")).to_contain_text("萊拉", timeout=60_000)
             expect(page.locator("#lyra-header")).to_contain_text("LoRA r=8 on q_proj, v_proj")
 
