@@ -679,7 +679,7 @@ def plan_persona(card: Card, *, user_address: str | None = None, language: str |
     seed_records += [_seed_record(f"{slug}-example-{i}", messages)
                      for i, messages in enumerate(examples.conversations, start=1)]
     if not seed_records and not chats:
-        raise UserError(CARD_KEY, f"the card has no greeting (first_mes) and no example dialogue (mes_example): "
+        raise UserError(CARD_KEY, "the card has no greeting (first_mes) and no example dialogue (mes_example): "
                                   "nothing to train on; add your chats with --chats FILE")
 
     train_chats, eval_chats = split_chats(chats or [], eval_share, seed)
