@@ -38,7 +38,7 @@ from lyra.errors import UserError
 
 log = logging.getLogger(__name__)
 
-GGUF_TYPES = ("f16", "q8_0")  # what gguf.type accepts: f16 is near-exact, q8_0 halves the file
+GGUF_TYPES = ("f32", "f16", "q8_0")  # what gguf.type accepts: f32 is the merged model exactly, f16 near-exact at half its size, q8_0 halves it again
 
 # Qwen3's template with enable_thinking=False: an empty think block opens the reply being generated.
 QWEN3_EMPTY_THINK = "<think>\n\n</think>\n\n"
@@ -281,7 +281,7 @@ def _gguf_tensors(model, target: GgufTarget):
         else:
             if quantize:
                 fallbacks.append(name)
-            yield name, data.astype(np.float16), None
+            yield name, data.astype(np.float32 if target.type == "f32" else np.float16), None
     if fallbacks:
         log.warning("q8_0 needs rows in blocks of 32: %d tensor(s) kept in f16: %s", len(fallbacks), ", ".join(fallbacks))
 
@@ -353,7 +353,8 @@ def write_gguf(model, tokenizer, path: str | os.PathLike, target: GgufTarget, ch
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     _add_hparams(writer, model.config, target)
-    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[target.type]
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[target.type]
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, tokenizer, target, model.config.vocab_size, chat_template, list(eos_ids))
