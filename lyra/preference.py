@@ -107,7 +107,7 @@ def preference_args(objective: DictConfig, training_kwargs: dict[str, Any], max_
 
 # -------------------------------------------------------------------------------------- trainers
 
-class LyraDPOTrainer(DPOTrainer):
+class PairDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer on pairs lyra tokenized (prompt_ids / chosen_ids / rejected_ids)."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -122,7 +122,7 @@ class LyraDPOTrainer(DPOTrainer):
         """lyra sends nothing anywhere but to the W&B run it was asked for."""
 
 
-class LyraORPOTrainer(ORPOTrainer):
+class PairORPOTrainer(ORPOTrainer):
     """TRL's ORPOTrainer on pairs lyra tokenized: `tokenize_row` lays out lyra's ids the way ORPO's
     collator and loss expect them, instead of re-tokenizing text."""
 
@@ -150,11 +150,11 @@ def build_preference_trainer(objective: DictConfig, model, args, tokenizer, spli
                              callbacks: list[Any]):
     """The TRL trainer for objective.name on lyra's PEFT model; DPO's reference is the init adapter, frozen."""
     if objective.name == "dpo":
-        trainer = LyraDPOTrainer(model=model, ref_model=None, args=args, train_dataset=splits.train,
+        trainer = PairDPOTrainer(model=model, ref_model=None, args=args, train_dataset=splits.train,
                                  eval_dataset=splits.eval, processing_class=tokenizer, callbacks=callbacks)
         peft_config = getattr(trainer.accelerator.unwrap_model(trainer.model), "peft_config", {})
         log.info("DPO reference: %s", "the init adapter, frozen as a second adapter 'ref' on the same base"
                  if "ref" in peft_config else "the base with the adapter disabled")
         return trainer
-    return LyraORPOTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
+    return PairORPOTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
                            processing_class=tokenizer, callbacks=callbacks)

@@ -7,7 +7,7 @@ Agnai or the `openai` package talk to it as to any chat-completions endpoint.
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
-    client.chat.completions.create(model="Lyra", messages=[{"role": "user", "content": "Hi"}])
+    client.chat.completions.create(model="<persona name>", messages=[{"role": "user", "content": "Hi"}])
 
 Endpoints: `GET /v1/models` (the persona, named after it, and `<name>-base`: the same model with the
 adapter off) and `POST /v1/chat/completions` (stream or not; usage and finish_reason on every reply).

@@ -257,8 +257,10 @@ def test_apps_on_a_run_whose_base_is_missing_get_the_same_line(smoke_run, tmp_pa
     OmegaConf.save(cfg, run_dir / RUN_CONFIG)
     with pytest.raises(UserError) as error:
         load_run(run_dir, adapter="none")
-    assert str(error.value) == (f"model.name_or_path: {tmp_path / 'deleted-base'} is not a directory "
-                                "(nor a Hugging Face hub id)")
+    # runs.open_run checks a run dir from elsewhere before anything loads: the base path is named, with the fix
+    assert str(error.value) == (f"run_dir: {run_dir / RUN_CONFIG}: model.name_or_path {tmp_path / 'deleted-base'} "
+                                "is not a model directory here (no config.json); put the base model there or "
+                                "fix the path in the run's config")
 
 
 # ---------------------------------------------------------------------------- installed wheel
