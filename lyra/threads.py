@@ -10,6 +10,8 @@ as long as idle, against 1.6x with one thread (measured for issue 24; scripts/be
 measures it on any machine). So on CPU lyra counts the cores of its affinity mask that are idle now
 (per-core idle time over a short window, psutil) and gives torch that many threads, at least one.
 
+Reproducibility: CPU float results depend on the thread count (the order of a sum), so two runs with
+the same seed are bit-identical only with the same count; pin it with `OMP_NUM_THREADS` for that.
 `OMP_NUM_THREADS` always wins: it is the override, and torchrun/accelerate set it for multi-process runs.
 On a GPU, CPU threads only feed the device, so nothing is changed there. The choice is made when a job
 starts (each job of a multirun sweep looks again) and kept for the job: re-choosing mid-run would need

@@ -13,6 +13,12 @@ from pathlib import Path
 
 import pytest
 
+# CPU float results depend on torch's thread count, and lyra.threads picks it from the cores idle at
+# the start of each run. Tests compare runs bit for bit (same seed, resume, chaos), so they pin it
+# to every allowed core, torch's own default; tests/test_threads.py unsets it to test the choice.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                             else os.cpu_count() or 1))
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 os.environ["HF_HUB_OFFLINE"] = "1"
