@@ -4,22 +4,8 @@
     convert_txt_to_jsonl("chats.txt", "chats.jsonl")             # returns the number of conversations
     python -m lyra.data convert chats.txt chats.jsonl --label Guest=user
 
-The format (documented in docs/data.md):
-- Conversations are separated by one or more blank lines.
-- A message starts with a role label and `:` or the full-width `：`:
-      system     system, 系統
-      user       user, 使用者, 您
-      assistant  assistant, 模型
-  plus every shipped persona's labels (lyra/conf/persona/*.yaml): its user_label is a user label,
-  its name and bot_label are assistant labels. ASCII labels match in any case; `labels=` /
-  `--label LABEL=ROLE` adds more (e.g. your own persona's name).
-- A line without a label continues the previous message, joined with a newline. A line that
-  starts like a speaker label (`Name:` or `Name：` at the start of the line, a short name) that is
-  not mapped is an error at its line, never glued onto the previous reply: map it with --label, or
-  indent the line to keep it as a continuation.
-- A `<START>` line (SillyTavern's example-dialogue separator) ends the conversation, like a blank line.
-- Lines starting with `#` are comments; `# id: NAME` before a conversation sets its id, otherwise
-  the id is `<file stem>-<conversation number>`.
+The transcript format (labels, continuation lines, `<START>`, `# id:` comments) is documented in
+`lyra.data.dialects.transcript`, which reads it, and in docs/data.md.
 
 Output is written atomically (temp file + os.replace): a failure never leaves a partial file.
 """
