@@ -38,6 +38,7 @@ from lyra.data.dialects import normalize_record
 from lyra.data.dialects.base import ReadContext
 from lyra.data.dialects.chat import ROLE_ALIASES
 from lyra.data.formats import read_file
+from lyra.data.prepare import EncodedFile
 from lyra.data.records import FileReport, Problem
 from lyra.data.records import RecordError as _Bad
 from lyra.data.records import type_name as _type_name
@@ -214,7 +215,7 @@ def encode_pair(pair: PreferencePair, tokenizer, system_prompt: str | None) -> t
 
 
 @dataclass
-class PreparedPairs:
+class PreparedPairs(EncodedFile):
     """A pair file read and encoded: usable pairs, their token ids, every problem."""
 
     report: FileReport
@@ -223,20 +224,8 @@ class PreparedPairs:
     encode_problems: list[Problem] = field(default_factory=list)
 
     @property
-    def path(self) -> Path:
-        return self.report.path
-
-    @property
     def pairs(self) -> list[PreferencePair]:
         return self.report.conversations
-
-    @property
-    def problems(self) -> list[Problem]:
-        return sorted(self.report.problems + self.encode_problems, key=lambda problem: problem.line)
-
-    @property
-    def skipped(self) -> int:
-        return sum(problem.drops for problem in self.problems)
 
     def fitting(self, max_length: int) -> tuple[list[int], EncodeStats]:
         """Indices of the pairs whose prompt + longer reply fit max_length, and what was dropped (counted)."""

@@ -37,8 +37,29 @@ CACHE_VERSION = 3  # bump when the encoding of a conversation changes
 DUPLICATE_WARNING_SHARE = 0.2  # training warns when more assistant replies than this repeat another
 
 
+class EncodedFile:
+    """What every file read and encoded answers, SFT conversations or preference pairs: its path, its
+    problems (reading and encoding, in line order) and how many records they cost. Subclasses hold
+    `report` (the reader's FileReport) and `encode_problems`."""
+
+    report: FileReport
+    encode_problems: list[Problem]
+
+    @property
+    def path(self) -> Path:
+        return self.report.path
+
+    @property
+    def problems(self) -> list[Problem]:
+        return sorted(self.report.problems + self.encode_problems, key=lambda problem: problem.line)
+
+    @property
+    def skipped(self) -> int:
+        return sum(problem.drops for problem in self.problems)
+
+
 @dataclass
-class Prepared:
+class Prepared(EncodedFile):
     """A file read and encoded: usable conversations, each one's supervised turns, every problem."""
 
     report: FileReport
@@ -48,20 +69,8 @@ class Prepared:
     encode_problems: list[Problem] = field(default_factory=list)
 
     @property
-    def path(self) -> Path:
-        return self.report.path
-
-    @property
     def conversations(self) -> list[Conversation]:
         return self.report.conversations
-
-    @property
-    def problems(self) -> list[Problem]:
-        return sorted(self.report.problems + self.encode_problems, key=lambda problem: problem.line)
-
-    @property
-    def skipped(self) -> int:
-        return sum(problem.drops for problem in self.problems)
 
     def examples(self, max_length: int) -> tuple[list[dict], EncodeStats]:
         """Training examples: each conversation's turns up to the first longer than max_length (counted)."""
