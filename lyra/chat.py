@@ -142,7 +142,7 @@ def chat(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
     check_generation(OmegaConf.to_container(cfg.generation, resolve=True))
     if not (isinstance(cfg.max_prompt_tokens, int) and cfg.max_prompt_tokens >= 16):
         raise UserError("max_prompt_tokens", f"must be an integer >= 16, got {cfg.max_prompt_tokens}")
-    run = run or load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device)
+    run = run or load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device, prepack=cfg.prepack)
     session = ChatSession(run, cfg, stdin, stdout, stderr)
     if cfg.prompt is not None:
         session.reply(str(cfg.prompt), label="")

@@ -167,7 +167,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         return check_parity(cfg, run_dir, persona, probes)
     data_cfg = eval_data_config(files.cfg, run_dir, cfg.eval_file)
     drift = plan_drift(cfg.drift, data_cfg, cfg.eval, persona)  # None with drift.turns=0; checked before the model
-    run = load_run(files, device=cfg.device)
+    run = load_run(files, device=cfg.device, prepack=cfg.prepack)
 
     splits = build_datasets(data_cfg, run.tokenizer)
     measured = measure(run.model, run.tokenizer, splits, probes, persona, run.system_prompt, cfg.eval, drift)

@@ -429,7 +429,7 @@ def load_full_precision_merged(cfg: DictConfig, adapter_path: Path, dtype, devic
 
 
 def load_run(run_dir: str | Path | RunFiles, adapter: str = DEFAULT_ADAPTER, device: str | None = None,
-             merge: bool | None = None) -> LoadedRun:
+             merge: bool | None = None, prepack: bool = False) -> LoadedRun:
     """Rebuild a trained run for generation: base model as trained + adapter + the run's tokenizer.
 
     run_dir: a path, or what `open_run` returned (then `adapter` is the one it was opened with).
@@ -450,6 +450,10 @@ def load_run(run_dir: str | Path | RunFiles, adapter: str = DEFAULT_ADAPTER, dev
             model, base_weights = merge_for_inference(model)
     log.info("loaded %s with %s%s", cfg.model.name_or_path, adapter_path or "no adapter",
              " (merged in memory)" if base_weights else "")
+    if prepack:  # after the merge: the packed copies are of the weights replies use
+        from lyra.prepack import prepack_linears
+
+        log.info("%s", prepack_linears(model))
     return LoadedRun(model=model, tokenizer=tokenizer, cfg=cfg, system_prompt=cfg.data.get("system_prompt") or "",
                      run_dir=path, adapter=str(adapter) if adapter_path is not None else NO_ADAPTER,
                      persona=run_persona(cfg, path), base_weights=base_weights)

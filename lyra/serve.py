@@ -779,7 +779,7 @@ def serve(cfg: DictConfig) -> None:
         raise UserError(None, "the server needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
     register_secret(settings.api_key)
     install_log_scrubber()
-    run = load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device)
+    run = load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device, prepack=cfg.prepack)
     service = ChatService(run, settings, OmegaConf.to_container(cfg.generation, resolve=True))
     app = build_app(service)
     import uvicorn

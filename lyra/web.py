@@ -407,7 +407,7 @@ def serve(cfg: DictConfig) -> None:
     auth = web_auth(cfg)  # first: an exposed page without a login never loads anything
     install_log_scrubber()  # the passwords web_auth registered are masked in every log record
     limits = check_web_config(cfg)
-    run = load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device)
+    run = load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device, prepack=cfg.prepack)
     chat = WebChat(run, OmegaConf.to_container(cfg.generation, resolve=True), limits)
     page = build_page(chat, page_title(run.persona, cfg.title), gr)
     page.queue(max_size=limits.max_queue_size, default_concurrency_limit=1)

@@ -1,0 +1,107 @@
+"""lyra.prepack: oneDNN-packed linear weights give the eager path's replies, follow weight swaps, and
+step aside for autograd and for bitsandbytes layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compose, smoke_overrides
+
+PROMPTS = ["I had a long day at work. Any advice for a quiet evening?", "What is your name?",
+           "Tell me about the sea."]
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """2 smoke steps on a full-precision base with a high learning rate: the merged adapter moves logits."""
+    from lyra.data import corpus_file
+    from lyra.train import train
+
+    run_dir = tmp_path_factory.mktemp("prepack-run")
+    eval_file = tmp_path_factory.mktemp("prepack-data") / "eval.jsonl"
+    eval_file.write_text("".join(corpus_file("eval").read_text(encoding="utf-8").splitlines(True)[:2]), encoding="utf-8")
+    train(compose(smoke_overrides(run_dir, "quantization=none", "trainer.max_steps=2", "trainer.eval_steps=2",
+                                  "trainer.save_steps=2", "trainer.learning_rate=0.05", "eval=none",
+                                  f"data.eval_file={eval_file}")))
+    return run_dir
+
+
+def _last_logits(run, text: str) -> torch.Tensor:
+    from lyra.generation import build_prompt_ids
+
+    ids = torch.tensor([build_prompt_ids(text, run.tokenizer, system_prompt=run.system_prompt)])
+    with torch.inference_mode():
+        return run.model(ids).logits[0, -1].float()
+
+
+def test_a_prepacked_merged_run_follows_the_base_toggle(plain_run):
+    """The web page's base toggle swaps weights by pointer: a stale pack would keep answering as the
+    merged model. Packed logits must track eager ones both ways round."""
+    from lyra.runs import load_run
+
+    eager, packed = load_run(plain_run, device="cpu"), load_run(plain_run, device="cpu", prepack=True)
+    assert eager.merged and packed.merged
+    assert any(hasattr(module, "_lyra_packs") for module in packed.model.modules())
+    merged_logits = _last_logits(eager, PROMPTS[0])
+    torch.testing.assert_close(_last_logits(packed, PROMPTS[0]), merged_logits, rtol=1e-4, atol=1e-4)
+    with eager.adapter_disabled(), packed.adapter_disabled():
+        base_logits = _last_logits(eager, PROMPTS[0])
+        torch.testing.assert_close(_last_logits(packed, PROMPTS[0]), base_logits, rtol=1e-4, atol=1e-4)
+    assert (base_logits - merged_logits).abs().max() > 1e-2  # the toggle changed something to follow
+    torch.testing.assert_close(_last_logits(packed, PROMPTS[0]), merged_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_autograd_runs_the_original_weight_and_unpack_restores_the_class_forward():
+    from lyra.prepack import prepack_linears, unpack_linears
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    x = torch.randn(3, 64)
+    expected = model(x)
+    assert prepack_linears(model).layers == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected.detach(), rtol=1e-5, atol=1e-5)
+    out = model(x)  # autograd on: eager F.linear, bit for bit, with gradients reaching the weights
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    assert model[0].weight.grad is not None
+    assert unpack_linears(model) == 2
+    assert all("forward" not in module.__dict__ and not hasattr(module, "_lyra_packs") for module in model)
+
+
+def test_bitsandbytes_layers_are_never_packed(smoke_run):
+    pytest.importorskip("bitsandbytes")
+    from lyra.runs import load_run
+
+    run = load_run(smoke_run, device="cpu", prepack=True)
+    quantized = [m for m in run.model.modules() if type(m).__module__.startswith("bitsandbytes")]
+    assert quantized and not any(hasattr(m, "_lyra_packs") for m in quantized)
+    reply = run.model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+    assert reply.shape == (1, 5)
+
+
+def test_a_model_off_the_cpu_is_left_alone():
+    from lyra.prepack import prepack_linears
+
+    model = torch.nn.Linear(4, 4).to("meta")
+    report = prepack_linears(model)
+    assert report.layers == 0 and "not on the CPU" in str(report)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_replies_on_real_smollm2_weights_are_token_identical(smollm2_dir, smollm2_tokenizer, dtype):
+    """What a user sees: the same greedy reply, token for token, eager or prepacked."""
+    from lyra.generation import build_prompt_ids, generate_replies
+    from lyra.modeling import build_model
+    from lyra.prepack import prepack_linears, unpack_linears
+
+    model = build_model(compose(["model=smollm2_135m"]).model, None, dtype, "cpu").eval()
+    prompts = [build_prompt_ids(text, smollm2_tokenizer, system_prompt="You are Pippa, a lighthouse keeper.")
+               for text in PROMPTS]
+    settings = {"do_sample": False, "repetition_penalty": 1.1, "max_new_tokens": 48}
+    eager = [reply.token_ids for reply in generate_replies(prompts, model, smollm2_tokenizer, **settings)]
+    assert prepack_linears(model).layers > 200
+    packed = [reply.token_ids for reply in generate_replies(prompts, model, smollm2_tokenizer, **settings)]
+    assert unpack_linears(model) > 200
+    assert packed == eager and min(len(ids) for ids in eager) > 8
