@@ -34,7 +34,7 @@ from lyra.modeling import (apply_lora, build_model, build_quantization, build_to
                            resolve_dtype)
 from lyra.secrets import protect_run, scrub, scrub_config
 from lyra.sweep import run_job
-from lyra.threads import use_free_cores
+from lyra.threads import free_cores_callback, use_free_cores
 
 log = logging.getLogger("lyra.train")
 
@@ -140,7 +140,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         with closed_on_failure(wandb_run):  # a job that raises leaves no run open (sweeps go on in-process)
             # persona probes at evaluations, counted in the persona's words; eval=none: a no-op
             probes = PersonaProbeCallback(cfg.get("eval"), cfg.persona, cfg.data.system_prompt, wandb_run)
-            callbacks = ([WandbLogCallback(wandb_run)] if wandb_run else []) + [probes]
+            threads = free_cores_callback()  # CPU: torch's thread count follows neighbours that come and go
+            callbacks = ([WandbLogCallback(wandb_run)] if wandb_run else []) + [probes] + ([threads] if threads else [])
             if preference:  # TRL's DPO / ORPO loss on lyra's model and pairs; pairs are padded by TRL's collator
                 trainer = build_preference_trainer(cfg.objective, model, args, tokenizer, splits, callbacks)
             else:  # supervised-only logits + shared prompt prefixes / dynamic padding / padding-free (lyra.trainer, lyra.loss, lyra.data.collate)

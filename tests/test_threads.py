@@ -59,3 +59,43 @@ def test_a_busy_process_takes_its_core_off_the_count():
         spinner.kill()
         spinner.wait()
     assert any(busy_seen)
+
+
+def test_the_training_callback_counts_only_the_neighbours_cpu_time(monkeypatch, restore_threads, caplog):
+    """lyra's own busy threads must not make it give its cores away; a neighbour's must."""
+    psutil = pytest.importorskip("psutil")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(threads, "allowed_cores", lambda: 2)
+    clock = {"now": 0.0, "busy": [0.0, 0.0], "own": 0.0}
+    monkeypatch.setattr(time, "monotonic", lambda: clock["now"])
+    Times = __import__("collections").namedtuple("Times", "user nice system")
+    monkeypatch.setattr(psutil, "cpu_times", lambda percpu: [Times(b, 0.0, 0.0) for b in clock["busy"]])
+    monkeypatch.setattr(psutil.Process, "cpu_times", lambda self: Times(clock["own"], 0.0, 0.0))
+    callback = threads.free_cores_callback()
+    torch.set_num_threads(2)
+    state = type("State", (), {"global_step": 0})()
+
+    def advance(seconds: float, own_cores: float, neighbour_cores: float) -> None:
+        clock["now"] += seconds
+        clock["own"] += own_cores * seconds
+        per_core = (own_cores + neighbour_cores) * seconds / 2
+        clock["busy"] = [b + per_core for b in clock["busy"]]
+        state.global_step += 1
+        callback.on_step_end(None, state, None)
+
+    advance(threads.RECHOOSE_EVERY_S, own_cores=2.0, neighbour_cores=0.0)  # lyra alone, both cores busy
+    assert torch.get_num_threads() == 2 and callback.changes == []
+    advance(threads.RECHOOSE_EVERY_S / 2, own_cores=1.0, neighbour_cores=1.0)  # too soon to look
+    assert callback.changes == []
+    with caplog.at_level("INFO", logger="lyra.threads"):
+        advance(threads.RECHOOSE_EVERY_S / 2, own_cores=1.0, neighbour_cores=1.0)  # a neighbour took a core
+    assert torch.get_num_threads() == 1 and callback.changes == [(3, 2, 1)] and "torch threads: 2 -> 1" in caplog.text
+    advance(threads.RECHOOSE_EVERY_S, own_cores=1.0, neighbour_cores=0.0)  # it left
+    assert torch.get_num_threads() == 2 and callback.changes[-1] == (4, 1, 2)
+
+
+def test_no_training_callback_when_omp_num_threads_pins_the_count(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.free_cores_callback() is None
