@@ -30,8 +30,9 @@ import numpy as np
 
 from lyra.data.formats import read_file
 from lyra.data.records import PROGRESS_BYTES, Conversation, FileReport, Problem
-from lyra.data.tokenization import (IGNORE_INDEX, ChunkTokenizer, EncodeStats, Pieces, RenderCounts, TurnRenderer,
-                                    fitting_turns, inserts_system_prompt, supervised_turns, turn_end_ids)
+from lyra.data.tokenization import (IGNORE_INDEX, ChunkTokenizer, EncodeStats, FillMismatch, Pieces, RenderCounts,
+                                    TurnRenderer, fitting_turns, inserts_system_prompt, supervised_turns,
+                                    turn_end_ids)
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +194,14 @@ def _render_conversation(conversation: Conversation, renderer: TurnRenderer, sys
                          ) -> list[tuple[int, Pieces, Pieces]] | str:
     """(message number, prompt pieces, prompt + reply pieces) per supervised turn, or why it cannot render."""
     messages, indices = supervised_turns(conversation, system_prompt)
-    numbers = [n for n, m in enumerate(conversation.messages, start=1)
-               if m["role"] == "assistant" and m.get("weight", 1) != 0]
+    inserted = len(messages) - len(conversation.messages)  # 1 when the system prompt went in: not the record's own
     rendered = []
     turns = renderer.turns(messages, indices, conversation.tools)
-    for number in numbers:
+    for number in (index + 1 - inserted for index in indices):
         try:
             prompt, reply = next(turns)
+        except FillMismatch:
+            raise
         except Exception as error:  # a template may raise anything (jinja raise_exception, TypeError)
             why = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
             return f"message {number} (assistant): {why}"
@@ -217,8 +219,9 @@ def _collector_paused():
 
     Both build hundreds of thousands of small containers (records, pieces, token-id lists) and
     keep them, so every burst of allocations sets off a collection that scans all of them again:
-    2.7 of the 6.7 CPU-s the 20 MB benchmark spent encoding. Nothing built here forms a reference
-    cycle (reference counting frees what is dropped); the collector is switched back on when done.
+    2.7 of the 6.7 CPU-s the 20 MB benchmark spent encoding. What is built here is acyclic, so
+    reference counting frees whatever is dropped; the collector is switched back on when done and
+    takes the few cycles a template render may leave.
     """
     paused = gc.isenabled()
     gc.disable()
@@ -250,11 +253,19 @@ def encode_all(conversations: list[Conversation], tokenizer, system_prompt: str 
     The texts are `turn_texts`' (rendered once per shape by `TurnRenderer`), tokenized a piece at a
     time (`ChunkTokenizer`); tests/test_prepare_fast.py holds them to `encode_turn` token for token.
     """
+    chunks = ChunkTokenizer(tokenizer)
+    try:
+        return _encode(conversations, TurnRenderer(tokenizer, chunks), system_prompt, progress)
+    except FillMismatch as mismatch:
+        log.warning("%s; rendering every turn through it instead", mismatch)
+        return _encode(conversations, TurnRenderer(tokenizer, chunks, fill=False), system_prompt, progress)
+
+
+def _encode(conversations: list[Conversation], renderer: TurnRenderer, system_prompt: str | None, progress: bool):
     from tqdm.auto import tqdm
 
-    ends = set(turn_end_ids(tokenizer))  # the template's end-of-turn token, then eos/pad (lyra.data.tokenization)
-    chunks = ChunkTokenizer(tokenizer)
-    renderer = TurnRenderer(tokenizer, chunks)
+    chunks = renderer.chunks
+    ends = set(turn_end_ids(renderer.tokenizer))  # the template's end-of-turn token, then eos/pad
     turns: list[list[tuple[list[int], int]]] = [[] for _ in conversations]
     errors: dict[int, str] = {}
     batch: list[tuple[int, int, Pieces, Pieces]] = []  # (conversation, message number, prompt, full)
@@ -273,19 +284,17 @@ def encode_all(conversations: list[Conversation], tokenizer, system_prompt: str 
             turns[conversation].append((full[:end + 1], len(prompt)))
         batch.clear()
 
-    bar = tqdm(total=len(conversations), desc="encoding", unit="conv", leave=False, disable=not progress,
-               miniters=500)
-    for index, conversation in enumerate(conversations):
-        rendered = _render_conversation(conversation, renderer, system_prompt)
-        bar.update()
-        if isinstance(rendered, str):
-            errors[index] = rendered
-            continue
-        batch.extend((index, number, prompt, full) for number, prompt, full in rendered)
-        if len(batch) >= 4096:
-            flush()
-    flush()
-    bar.close()
+    with tqdm(total=len(conversations), desc="encoding", unit="conv", leave=False, disable=not progress) as bar:
+        for index, conversation in enumerate(conversations):
+            rendered = _render_conversation(conversation, renderer, system_prompt)
+            bar.update()
+            if isinstance(rendered, str):
+                errors[index] = rendered
+                continue
+            batch.extend((index, number, prompt, full) for number, prompt, full in rendered)
+            if len(batch) >= 4096:
+                flush()
+        flush()
     for index in errors:
         turns[index] = []
     return turns, errors, renderer.counts

@@ -300,8 +300,16 @@ _PROBE = ' a"b\\c\nd\te\rf&g\'h萊 '  # characters a template could escape or re
 class RenderCounts:
     rendered: int = 0  # turn texts (prompts, replies) rendered through the chat template
     filled: int = 0  # turn texts filled in from a cached rendering of their shape
+    checked: int = 0  # filled texts also rendered and compared (every FILL_CHECK_EVERY-th)
     shapes: int = 0  # shapes cached (each costs three more renders: placeholders, the first conversation, a probe)
     refused: int = 0  # shapes seen twice that filling does not reproduce: their texts are always rendered
+
+
+class FillMismatch(Exception):
+    """A filled-in turn text differs from the template's own rendering: the template reads its contents."""
+
+
+FILL_CHECK_EVERY = 128  # one filled text in this many is rendered too (~5% of a first pass), to catch that
 
 
 class _Shape:
@@ -343,11 +351,17 @@ class TurnRenderer:
     cannot form or break one). Any other content is part of the shape itself, so such turns are
     rendered whole, as are shapes seen once and shapes the checks refuse (`counts`). Exceptions come
     from the real render, with the real contents, exactly as `turn_texts` raises them.
+
+    A template that branches on other contents (`{% if message.content.startswith('Q') %}`) can pass
+    the checks on a shape's first conversation and differ on a later one. So one filled text in
+    FILL_CHECK_EVERY is rendered as well, and a difference raises `FillMismatch`: the caller then
+    encodes again with `fill=False`, rendering every text.
     """
 
-    def __init__(self, tokenizer, chunks: ChunkTokenizer):
+    def __init__(self, tokenizer, chunks: ChunkTokenizer, fill: bool = True):
         self.tokenizer = tokenizer
         self.chunks = chunks
+        self.fill = fill
         edges = {"<", ">", "\ue000", "\ue001"} | {text[0] for text in chunks.added} | {text[-1] for text in chunks.added}
         self.unsafe = re.compile("[" + "".join(re.escape(c) for c in sorted(edges)) + "]")
         self.shapes: dict[tuple, _Shape | list[dict] | None] = {}  # a first conversation's messages until cached
@@ -383,19 +397,29 @@ class TurnRenderer:
 
     def _pieces(self, key: tuple, messages: list[dict], render_text) -> Pieces:
         entry = self.shapes.get(key)
-        if entry.__class__ is _Shape:
-            self.counts.filled += 1
-            return entry.fill(messages)
         if entry.__class__ is list:  # the second conversation of this shape
             self.shapes[key] = entry = self._cache(entry, render_text)
-            if entry is not None:
-                self.counts.filled += 1
-                return entry.fill(messages)
+        if entry.__class__ is _Shape:
+            self.counts.filled += 1
+            pieces = entry.fill(messages)
+            if self.counts.filled % FILL_CHECK_EVERY == 0:
+                self._check(pieces, messages, render_text)
+            return pieces
         pieces = self.chunks.split(render_text(messages))
         self.counts.rendered += 1
-        if key not in self.shapes:
+        if self.fill and key not in self.shapes:
             self.shapes[key] = messages
         return pieces
+
+    def _check(self, pieces: Pieces, messages: list[dict], render_text) -> None:
+        self.counts.checked += 1
+        try:
+            same = self.chunks.split(render_text(messages)) == pieces
+        except Exception:  # the template raises for these contents where their shape rendered
+            same = False
+        if not same:
+            raise FillMismatch("the chat template renders a turn differently from the other turns of its shape "
+                               "(it reads the messages' contents)")
 
     def _cache(self, first: list[dict], render_text) -> _Shape | None:
         slots = [number for number, message in enumerate(first) if self.fillable(message.get("content"))]
