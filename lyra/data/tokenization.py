@@ -309,7 +309,7 @@ class FillMismatch(Exception):
     """A filled-in turn text differs from the template's own rendering: the template reads its contents."""
 
 
-FILL_CHECK_EVERY = 128  # one filled text in this many is rendered too (~5% of a first pass), to catch that
+FILL_CHECK_EVERY = 128  # one filled text in this many is rendered too, to catch that (0.1 of 4 CPU-s on 20 MB)
 
 
 class _Shape:
