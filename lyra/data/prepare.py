@@ -176,7 +176,7 @@ def _save_cached(path: Path, turns: list, errors: dict[int, str]) -> None:
     lengths = np.fromiter((len(ids) for ids, _ in flat), dtype=np.int64, count=len(flat))
     offsets = np.zeros(len(flat) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    ids = np.fromiter((token for ids, _ in flat for token in ids), dtype=np.int32, count=int(offsets[-1]))
+    ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in flat), dtype=np.int32, count=int(offsets[-1]))
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     try:
