@@ -32,7 +32,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                            "required": ["city"]}}}]
 CONTENTS = [
-    "主人早安！今天想吃什麼呢？", "Hello, Master.", "好的", "Good night.", "一、洗衣服\n二、買菜",
+    "主人早安！今天想吃什麼呢？", "Hello, Master.", "好的", "Good night.",
+    "一、洗衣服\n二、買菜",
     "  padded on both sides  ", "trailing newline\n", "\nleading newline", "I <3 you", "a > b", "x < y",
     "<think>\nhm\n</think>\n\nSure.", "</think>after", "<tool_response>\n{}\n</tool_response>",
     "ends with <|im_end|> inside", 'quote " and \\ backslash', "tab\there", "&amp; 'single'", "emoji 😀",
@@ -149,7 +150,7 @@ def _with_template(template: str):
 
     from lyra.modeling import qwen3_tokenizer_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())  # a fresh object: templates are cached per tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())  # a fresh object: headers are cached per tokenizer
     tokenizer.chat_template = template
     return tokenizer
 
@@ -168,8 +169,9 @@ def test_a_template_that_reads_contents_is_caught_and_rendered_whole(monkeypatch
     from lyra.data import tokenization
 
     # Only contents starting with "Q" render differently: the first conversation of a shape passes its checks.
+    content = "message['content']"
     tokenizer = _with_template(CHATML.replace(
-        "CONTENT", "(('[question] ' + message['content']) if message['content'].startswith('Q') else message['content'])"))
+        "CONTENT", f"(('[question] ' + {content}) if {content}.startswith('Q') else {content})"))
     monkeypatch.setattr(tokenization, "FILL_CHECK_EVERY", 1)  # every filled text is checked
     counts, _ = assert_same_as_reference(random_conversations(150), tokenizer, SYSTEM)
     assert counts.filled == 0 and "renders a turn differently from the other turns of its shape" in caplog.text

@@ -14,6 +14,12 @@ Turns with OpenAI `"weight": 0` are context only.
 
 Nothing here names a model: the end-of-turn token is read off the tokenizer's own template
 (`turn_end_ids`), so any HF chat model whose template renders the conversation works.
+
+A turn's texts are `prompt_text` and `reply_text`. `encode_turn` renders and tokenizes them per turn
+(the reference, and what single turns use: chat tests, preference pairs); a file's first pass
+(`lyra.data.prepare.encode_all`) gets the same texts from `TurnRenderer`, which renders each shape
+of turn once and fills in the contents, and tokenizes them a piece at a time (`ChunkTokenizer`).
+tests/test_prepare_fast.py holds the two to the same ids and labels.
 """
 
 from __future__ import annotations
@@ -129,6 +135,11 @@ def reply_text(message: dict, tokenizer, tools: list[dict] | None = None) -> str
     return rendered[len(header):]
 
 
+def prompt_text(history: list[dict], tokenizer, tools: list[dict] | None = None) -> str:
+    """What chat feeds the model before it writes the next assistant reply to `history`, as text."""
+    return render(history, tokenizer, tools, add_generation_prompt=True)
+
+
 def turn_texts(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> tuple[str, str]:
     """(prompt, prompt + reply) as text for the last message of `messages`, an assistant turn.
 
@@ -138,7 +149,7 @@ def turn_texts(messages: list[dict], tokenizer, tools: list[dict] | None = None)
     if len(messages) < 2:
         raise ValueError("the conversation opens with an assistant turn and has no system prompt, so there is no "
                          "prompt to answer: add the user turn it answers, or set a system prompt")
-    prompt = render(messages[:-1], tokenizer, tools, add_generation_prompt=True)
+    prompt = prompt_text(messages[:-1], tokenizer, tools)
     return prompt, prompt + reply_text(messages[-1], tokenizer, tools)
 
 
@@ -345,10 +356,10 @@ class TurnRenderer:
     conversation's own rendering and the probe comes out as it went in (a template that escapes or
     rewrites contents fails this). Every later turn of that shape is filled in, not rendered.
 
-    A content takes part only if the template cannot branch on it (`fillable`): text with no
-    surrounding whitespace (templates trim), without '<' or '>' (Qwen3 looks for `</think>` and
-    `<tool_response>` in contents) and without the first or last character of an added token (it
-    cannot form or break one). Any other content is part of the shape itself, so such turns are
+    A content takes part only where the templates lyra knows cannot branch on it (`fillable`): text
+    with no surrounding whitespace (templates trim), without '<' or '>' (Qwen3 looks for `</think>`
+    and `<tool_response>` in contents) and without the first or last character of an added token (so
+    it cannot form or break one). Any other content is part of the shape itself, so such turns are
     rendered whole, as are shapes seen once and shapes the checks refuse (`counts`). Exceptions come
     from the real render, with the real contents, exactly as `turn_texts` raises them.
 
@@ -362,7 +373,8 @@ class TurnRenderer:
         self.tokenizer = tokenizer
         self.chunks = chunks
         self.fill = fill
-        edges = {"<", ">", "\ue000", "\ue001"} | {text[0] for text in chunks.added} | {text[-1] for text in chunks.added}
+        edges = {"<", ">", "\ue000", "\ue001"} | {text[0] for text in chunks.added}
+        edges |= {text[-1] for text in chunks.added}
         self.unsafe = re.compile("[" + "".join(re.escape(c) for c in sorted(edges)) + "]")
         self.shapes: dict[tuple, _Shape | list[dict] | None] = {}  # a first conversation's messages until cached
         self.counts = RenderCounts()
@@ -390,7 +402,7 @@ class TurnRenderer:
             if index < 1:
                 turn_texts(messages[: index + 1], self.tokenizer, tools)  # raises why there is no prompt
             prompt = self._pieces(("prompt", tools_key, *shapes[:index]), messages[:index],
-                                  lambda history: render(history, self.tokenizer, tools, add_generation_prompt=True))
+                                  lambda history: prompt_text(history, self.tokenizer, tools))
             reply = self._pieces(("reply", tools_key, shapes[index]), [messages[index]],
                                  lambda reply: reply_text(reply[0], self.tokenizer, tools))
             yield prompt, reply
