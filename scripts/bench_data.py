@@ -1,11 +1,17 @@
 """Benchmark the data pipeline on a ~20 MB, 32,000-conversation file: stats and first-run tokenization.
 
-    python scripts/bench_data.py                 # generate, then time first run / cached run / stats
+    python scripts/bench_data.py                 # generate, time first run / cached run / stats, check every record
+    python scripts/bench_data.py --check-every 8 # check every 8th record against the per-turn reference only
     python scripts/bench_data.py --peer          # also lyra's previous encoder, side by side
 
 The file is generated from the embedded corpus (real-shaped seed records: 1-2 corpus conversations
-joined into one, ~60% single-reply), so its token lengths are those of real persona chats. Every
-figure is wall-clock seconds on this machine; the load average is printed with them.
+joined into one, ~60% single-reply), so its token lengths are those of real persona chats. Each step
+reports three clocks, because a shared machine stretches wall time: `_wall_s`, `_process_s`
+(time.process_time: this process, every thread, the tokenizer's Rust threads included) and `_cpu_s`
+(getrusage user + system of this process and its waited-for children). The first run's examples
+are then compared, ids and labels, with the per-turn template path (`encode_conversation`: two
+template renders and two whole-text tokenizations per turn) and the count of records found equal
+is printed; any difference stops the benchmark.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ import argparse
 import json
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from lyra.data import corpus_file
@@ -57,15 +65,34 @@ def previous_encoder(conversations, tokenizer, max_length: int, system_prompt: s
     return examples
 
 
-def _cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
+def _clocks() -> tuple[float, float, float]:
+    """(wall, process CPU incl. threads, rusage CPU of this process and its children) in seconds."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (time.perf_counter(), time.process_time(),
+            own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime)
+
+
+def check_against_reference(prepared, tokenizer, max_length: int, system_prompt: str | None, every: int
+                            ) -> tuple[int, int]:
+    """(records, examples) of every `every`-th record whose examples equal the per-turn reference's."""
+    from lyra.data.tokenization import IGNORE_INDEX, encode_conversation, truncate
+
+    records = examples = 0
+    for conversation, turns in list(zip(prepared.conversations, prepared.turns))[::every]:
+        first_run = truncate([(ids, [IGNORE_INDEX] * prompt + ids[prompt:]) for ids, prompt in turns], max_length)
+        if first_run != encode_conversation(conversation, tokenizer, max_length, system_prompt):
+            raise SystemExit(f"{conversation.id}: the first run's ids or labels differ from the per-turn reference")
+        records += 1
+        examples += len(first_run)
+    return records, examples
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conversations", type=int, default=32000)
     parser.add_argument("--peer", action="store_true", help="also time lyra's previous encoder on the same file")
+    parser.add_argument("--check-every", type=int, default=1, metavar="N",
+                        help="compare every Nth record with the per-turn reference (default 1: all; 0: none)")
     args = parser.parse_args()
     from lyra.data.prepare import prepare_file
     from lyra.data.stats import prepared_stats, qwen3_tokenizer, training_defaults
@@ -77,10 +104,10 @@ def main() -> int:
         timings: dict[str, float] = {}
 
         def timed(name, function):
-            started, cpu = time.perf_counter(), _cpu_seconds()
+            before = _clocks()
             result = function()
-            timings[f"{name}_wall_s"] = time.perf_counter() - started
-            timings[f"{name}_cpu_s"] = _cpu_seconds() - cpu  # this process + its (joined) render workers
+            for clock, start, end in zip(("wall", "process", "cpu"), before, _clocks()):
+                timings[f"{name}_{clock}_s"] = end - start
             return result
 
         tokenizer = timed("tokenizer_load", qwen3_tokenizer)
@@ -92,6 +119,11 @@ def main() -> int:
         cached = timed("cached_run_read_and_load",
                        lambda: prepare_file(path, tokenizer, system_prompt, cache_dir=Path(tmp) / "cache"))
         assert cached.from_cache and cached.turns == prepared.turns
+        checked = {}
+        if args.check_every > 0:
+            records, compared = timed("reference_check", lambda: check_against_reference(
+                prepared, tokenizer, max_length, system_prompt, args.check_every))
+            checked = {"records_equal_to_reference": records, "examples_equal_to_reference": compared}
         if args.peer:
             peer = timed("peer_turn_by_turn",
                          lambda: previous_encoder(prepared.conversations, tokenizer, max_length, system_prompt))
@@ -99,7 +131,8 @@ def main() -> int:
             timings["speedup_vs_peer_cpu"] = (timings["peer_turn_by_turn_cpu_s"]
                                               / timings["first_run_read_and_tokenize_cpu_s"])
         print(json.dumps({"file_mb": round(path.stat().st_size / 1e6, 1), "conversations": stats["conversations"],
-                          "examples": len(examples), "load_average": os.getloadavg(), "cpus": os.cpu_count(),
+                          "examples": len(examples), **checked, "rendering": asdict(prepared.rendering),
+                          "load_average": os.getloadavg(), "cpus": os.cpu_count(),
                           **{k: round(v, 2) for k, v in timings.items()}}, indent=2))
     return 0
 

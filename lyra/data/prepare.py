@@ -14,6 +14,8 @@ runs and sweep jobs on the same data tokenize it once (max_length is applied aft
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import itertools
 import json
@@ -28,8 +30,9 @@ import numpy as np
 
 from lyra.data.formats import read_file
 from lyra.data.records import PROGRESS_BYTES, Conversation, FileReport, Problem
-from lyra.data.tokenization import (IGNORE_INDEX, ChunkTokenizer, EncodeStats, fitting_turns, inserts_system_prompt,
-                                    supervised_prefixes, turn_end_ids, turn_texts)
+from lyra.data.tokenization import (IGNORE_INDEX, ChunkTokenizer, EncodeStats, FillMismatch, Pieces, RenderCounts,
+                                    TurnRenderer, fitting_turns, inserts_system_prompt, supervised_turns,
+                                    turn_end_ids)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class Prepared(EncodedFile):
     system_prompt_inserted: int = 0  # conversations without a system message that get data.system_prompt
     from_cache: bool = False
     encode_problems: list[Problem] = field(default_factory=list)
+    rendering: RenderCounts | None = None  # how the turn texts were rendered (None: loaded from the cache)
 
     @property
     def conversations(self) -> list[Conversation]:
@@ -172,7 +176,7 @@ def _save_cached(path: Path, turns: list, errors: dict[int, str]) -> None:
     lengths = np.fromiter((len(ids) for ids, _ in flat), dtype=np.int64, count=len(flat))
     offsets = np.zeros(len(flat) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    ids = np.fromiter((token for ids, _ in flat for token in ids), dtype=np.int32, count=int(offsets[-1]))
+    ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in flat), dtype=np.int32, count=int(offsets[-1]))
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     try:
@@ -186,86 +190,93 @@ def _save_cached(path: Path, turns: list, errors: dict[int, str]) -> None:
         raise
 
 
-PARALLEL_MIN_CONVERSATIONS = 2000  # below this, forking render workers costs more than it saves
-_RENDER_JOB: tuple | None = None  # (conversations, tokenizer, system_prompt), inherited by forked workers
-
-
-def _render_conversation(conversation: Conversation, tokenizer, system_prompt: str | None
-                         ) -> list[tuple[int, str, str]] | str:
-    """(message number, prompt text, prompt + reply text) per supervised turn, or why it cannot render."""
-    numbers = [n for n, m in enumerate(conversation.messages, start=1)
-               if m["role"] == "assistant" and m.get("weight", 1) != 0]
-    texts = []
-    for number, messages in zip(numbers, supervised_prefixes(conversation, system_prompt)):
+def _render_conversation(conversation: Conversation, renderer: TurnRenderer, system_prompt: str | None
+                         ) -> list[tuple[int, Pieces, Pieces]] | str:
+    """(message number, prompt pieces, prompt + reply pieces) per supervised turn, or why it cannot render."""
+    messages, indices = supervised_turns(conversation, system_prompt)
+    inserted = len(messages) - len(conversation.messages)  # 1 when the system prompt went in: not the record's own
+    rendered = []
+    turns = renderer.turns(messages, indices, conversation.tools)
+    for number in (index + 1 - inserted for index in indices):
         try:
-            prompt, full = turn_texts(messages, tokenizer, conversation.tools)
+            prompt, reply = next(turns)
+        except FillMismatch:
+            raise
         except Exception as error:  # a template may raise anything (jinja raise_exception, TypeError)
             why = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
             return f"message {number} (assistant): {why}"
-        texts.append((number, prompt, full))
-    return texts
+        if prompt and reply and prompt[-1].__class__ is str and reply[0].__class__ is str:
+            full = [*prompt[:-1], prompt[-1] + reply[0], *reply[1:]]  # the pieces of the joined text
+        else:
+            full = prompt + reply
+        rendered.append((number, prompt, full))
+    return rendered
 
 
-def _render_range(bounds: tuple[int, int]) -> list:
-    conversations, tokenizer, system_prompt = _RENDER_JOB
-    return [_render_conversation(conversations[i], tokenizer, system_prompt) for i in range(*bounds)]
+@contextlib.contextmanager
+def _collector_paused():
+    """The cyclic garbage collector paused while a file is read and encoded.
 
-
-def _rendered(conversations: list[Conversation], tokenizer, system_prompt: str | None, bar):
-    """Rendered texts of every conversation, in order; big files render in forked worker processes.
-
-    Rendering the chat template (jinja, in a sandbox) is most of the cost and pure Python, so it
-    only scales with processes; the workers inherit the tokenizer by fork and send back text.
+    Both build hundreds of thousands of small containers (records, pieces, token-id lists) and
+    keep them, so every burst of allocations sets off a collection that scans all of them again:
+    2.7 of the 6.7 CPU-s the 20 MB benchmark spent encoding. What is built here is acyclic, so
+    reference counting frees whatever is dropped; the collector is switched back on when done and
+    takes the few cycles a template render may leave.
     """
-    global _RENDER_JOB
-    import multiprocessing
-
-    workers = min(4, os.cpu_count() or 1)
-    step = 500
-    ranges = [(start, min(start + step, len(conversations))) for start in range(0, len(conversations), step)]
-    if (len(conversations) < PARALLEL_MIN_CONVERSATIONS or workers < 2
-            or "fork" not in multiprocessing.get_all_start_methods()):
-        for bounds in ranges:
-            yield from _render_range_local(conversations, tokenizer, system_prompt, bounds)
-            bar.update(bounds[1] - bounds[0])
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    _RENDER_JOB = (conversations, tokenizer, system_prompt)
+    paused = gc.isenabled()
+    gc.disable()
     try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            for bounds, rendered in zip(ranges, pool.map(_render_range, ranges)):
-                yield from rendered
-                bar.update(bounds[1] - bounds[0])
+        yield
     finally:
-        _RENDER_JOB = None
+        if paused:
+            gc.enable()
 
 
-def _render_range_local(conversations, tokenizer, system_prompt, bounds):
-    return [_render_conversation(conversations[i], tokenizer, system_prompt) for i in range(*bounds)]
+def _first_end(ids: list[int], start: int, ends: set[int]) -> int | None:
+    """The position of the first end-of-turn token at or after `start` (list.index: no Python loop per token)."""
+    first = None
+    for end in ends:
+        try:
+            first = ids.index(end, start, len(ids) if first is None else first)
+        except ValueError:
+            pass
+    return first
 
 
+@_collector_paused()
 def encode_all(conversations: list[Conversation], tokenizer, system_prompt: str | None, progress: bool = False
-               ) -> tuple[list[list[tuple[list[int], int]]], dict[int, str]]:
-    """Every supervised turn of every conversation as (input_ids, prompt length), and why any failed.
+               ) -> tuple[list[list[tuple[list[int], int]]], dict[int, str], RenderCounts]:
+    """Every supervised turn of every conversation as (input_ids, prompt length), why any failed, and
+    how many turn texts were rendered through the template or filled in from a cached shape.
 
     Errors are keyed by conversation index and say which assistant turn failed and how to fix it.
+    The texts are `turn_texts`' (rendered once per shape by `TurnRenderer`), tokenized a piece at a
+    time (`ChunkTokenizer`); tests/test_prepare_fast.py holds them to `encode_turn` token for token.
     """
+    chunks = ChunkTokenizer(tokenizer)
+    try:
+        return _encode(conversations, TurnRenderer(tokenizer, chunks), system_prompt, progress)
+    except FillMismatch as mismatch:
+        log.warning("%s; rendering every turn through it instead", mismatch)
+        return _encode(conversations, TurnRenderer(tokenizer, chunks, fill=False), system_prompt, progress)
+
+
+def _encode(conversations: list[Conversation], renderer: TurnRenderer, system_prompt: str | None, progress: bool):
     from tqdm.auto import tqdm
 
-    ends = set(turn_end_ids(tokenizer))  # the template's end-of-turn token, then eos/pad (lyra.data.tokenization)
-    chunks = ChunkTokenizer(tokenizer)
+    chunks = renderer.chunks
+    ends = set(turn_end_ids(renderer.tokenizer))  # the template's end-of-turn token, then eos/pad
     turns: list[list[tuple[list[int], int]]] = [[] for _ in conversations]
     errors: dict[int, str] = {}
-    batch: list[tuple[int, int, str, str]] = []  # (conversation, message number, prompt text, full text)
+    batch: list[tuple[int, int, Pieces, Pieces]] = []  # (conversation, message number, prompt, full)
 
     def flush():
-        encoded = chunks.encode([text for item in batch for text in item[2:]])
+        encoded = chunks.encode_pieces([pieces for item in batch for pieces in item[2:]])
         for position, (conversation, number, _, _) in enumerate(batch):
             prompt, full = encoded[2 * position], encoded[2 * position + 1]
             if conversation in errors:
                 continue
-            end = next((i for i in range(len(prompt), len(full)) if full[i] in ends), None)
+            end = _first_end(full, len(prompt), ends)
             if full[: len(prompt)] != prompt or end is None:
                 errors[conversation] = (f"message {number} (assistant): the chat template tokenizes the prompt "
                                         "differently with and without the reply; check this turn's text")
@@ -273,21 +284,23 @@ def encode_all(conversations: list[Conversation], tokenizer, system_prompt: str 
             turns[conversation].append((full[:end + 1], len(prompt)))
         batch.clear()
 
-    bar = tqdm(total=len(conversations), desc="encoding", unit="conv", leave=False, disable=not progress)
-    for index, rendered in enumerate(_rendered(conversations, tokenizer, system_prompt, bar)):
-        if isinstance(rendered, str):
-            errors[index] = rendered
-            continue
-        batch.extend((index, number, prompt, full) for number, prompt, full in rendered)
-        if len(batch) >= 4096:
-            flush()
-    flush()
-    bar.close()
+    with tqdm(total=len(conversations), desc="encoding", unit="conv", leave=False, disable=not progress) as bar:
+        for index, conversation in enumerate(conversations):
+            rendered = _render_conversation(conversation, renderer, system_prompt)
+            bar.update()
+            if isinstance(rendered, str):
+                errors[index] = rendered
+                continue
+            batch.extend((index, number, prompt, full) for number, prompt, full in rendered)
+            if len(batch) >= 4096:
+                flush()
+        flush()
     for index in errors:
         turns[index] = []
-    return turns, errors
+    return turns, errors, renderer.counts
 
 
+@_collector_paused()
 def prepare_file(path: str | Path, tokenizer, system_prompt: str | None, labels: dict[str, str] | None = None,
                  cache_dir: str | Path | None = None) -> Prepared:
     """Read `path` and encode every supervised turn; encoder failures become FILE:LINE problems."""
@@ -300,10 +313,12 @@ def prepare_file(path: str | Path, tokenizer, system_prompt: str | None, labels:
     if cache_dir is not None:
         cache_file = Path(cache_dir) / "tokenized" / f"{_cache_key(data, tokenizer, system_prompt, labels)}.npz"
     cached = _load_cached(cache_file, len(conversations)) if cache_file and cache_file.is_file() else None
+    rendering = None
     if cached is not None:
         turns, errors = cached
     else:
-        turns, errors = encode_all(conversations, tokenizer, system_prompt, progress=len(data) >= PROGRESS_BYTES)
+        turns, errors, rendering = encode_all(conversations, tokenizer, system_prompt,
+                                              progress=len(data) >= PROGRESS_BYTES)
         if cache_file is not None:
             try:
                 _save_cached(cache_file, turns, errors)
@@ -314,5 +329,5 @@ def prepare_file(path: str | Path, tokenizer, system_prompt: str | None, labels:
     report = FileReport(path, [conversations[i] for i in keep], report.problems, report.ignored_fields, report.counts,
                         report.characters)
     inserted -= sum(inserts_system_prompt(conversations[i], system_prompt) for i in errors)
-    return Prepared(report, [turns[i] for i in keep], inserted, cached is not None, encode_problems)
+    return Prepared(report, [turns[i] for i in keep], inserted, cached is not None, encode_problems, rendering)
 

@@ -63,7 +63,7 @@ def token_percentiles(values: list[int]) -> dict[str, int]:
 def corpus_stats(conversations: list[Conversation], tokenizer, max_length: int,
                  system_prompt: str | None) -> dict[str, Any]:
     """Counts, duplicates, token-length percentiles and what truncation at max_length does."""
-    turns, errors = encode_all(conversations, tokenizer, system_prompt)
+    turns, errors, _ = encode_all(conversations, tokenizer, system_prompt)
     if errors:
         index, message = next(iter(errors.items()))
         raise ValueError(f"conversation {conversations[index].id}: {message}")

@@ -14,6 +14,12 @@ Turns with OpenAI `"weight": 0` are context only.
 
 Nothing here names a model: the end-of-turn token is read off the tokenizer's own template
 (`turn_end_ids`), so any HF chat model whose template renders the conversation works.
+
+A turn's texts are `prompt_text` and `reply_text`. `encode_turn` renders and tokenizes them per turn
+(the reference, and what single turns use: chat tests, preference pairs); a file's first pass
+(`lyra.data.prepare.encode_all`) gets the same texts from `TurnRenderer`, which renders each shape
+of turn once and fills in the contents, and tokenizes them a piece at a time (`ChunkTokenizer`).
+tests/test_prepare_fast.py holds the two to the same ids and labels.
 """
 
 from __future__ import annotations
@@ -129,6 +135,11 @@ def reply_text(message: dict, tokenizer, tools: list[dict] | None = None) -> str
     return rendered[len(header):]
 
 
+def prompt_text(history: list[dict], tokenizer, tools: list[dict] | None = None) -> str:
+    """What chat feeds the model before it writes the next assistant reply to `history`, as text."""
+    return render(history, tokenizer, tools, add_generation_prompt=True)
+
+
 def turn_texts(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> tuple[str, str]:
     """(prompt, prompt + reply) as text for the last message of `messages`, an assistant turn.
 
@@ -138,7 +149,7 @@ def turn_texts(messages: list[dict], tokenizer, tools: list[dict] | None = None)
     if len(messages) < 2:
         raise ValueError("the conversation opens with an assistant turn and has no system prompt, so there is no "
                          "prompt to answer: add the user turn it answers, or set a system prompt")
-    prompt = render(messages[:-1], tokenizer, tools, add_generation_prompt=True)
+    prompt = prompt_text(messages[:-1], tokenizer, tools)
     return prompt, prompt + reply_text(messages[-1], tokenizer, tools)
 
 
@@ -171,11 +182,17 @@ def encode_conversation(conversation: Conversation, tokenizer, max_length: int,
     return truncate(turns, max_length, stats)
 
 
+def supervised_turns(conversation: Conversation, system_prompt: str | None) -> tuple[list[dict], list[int]]:
+    """The messages training renders (system prompt in) and the index of each assistant turn trained on."""
+    messages = with_system_prompt(conversation.messages, None if conversation.no_system_prompt else system_prompt)
+    return messages, [index for index, message in enumerate(messages)
+                      if message["role"] == "assistant" and message.get("weight", 1) != 0]
+
+
 def supervised_prefixes(conversation: Conversation, system_prompt: str | None) -> list[list[dict]]:
     """The history up to and including each assistant turn that is trained on."""
-    messages = with_system_prompt(conversation.messages, None if conversation.no_system_prompt else system_prompt)
-    return [messages[: index + 1] for index, message in enumerate(messages)
-            if message["role"] == "assistant" and message.get("weight", 1) != 0]
+    messages, indices = supervised_turns(conversation, system_prompt)
+    return [messages[: index + 1] for index in indices]
 
 
 def fitting_turns(lengths: list[int], max_length: int, stats: EncodeStats) -> int:
@@ -210,47 +227,226 @@ def encode_conversations(conversations: list[Conversation], tokenizer, max_lengt
     return examples, stats
 
 
+Pieces = list  # a text split at the tokenizer's added tokens: token ids (int) and the text between them (str)
+
+
 class ChunkTokenizer:
-    """Batch tokenization that tokenizes each piece of text between special tokens once.
+    """Batch tokenization that tokenizes each piece of text between added tokens once.
 
     Consecutive turns of a conversation share their history, so tokenizing every example whole is
     quadratic in the conversation; the tokenizer splits at added tokens before anything else, so
-    the pieces between them can be tokenized once and reused. `verified` checks the result against
-    whole-text tokenization on the first texts and falls back to it on any difference.
+    the pieces between them can be tokenized once and reused. Texts come in as `Pieces` (`split`).
+    `encode_pieces` checks the result against whole-text tokenization on the first texts and falls
+    back to it on any difference (`exact`).
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         added = {token.content: index for index, token in tokenizer.added_tokens_decoder.items()}
         self.added = added
-        self.split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")")
+        self.content = {index: text for text, index in added.items()}
+        self.pattern = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")")
         self.memo: dict[str, list[int]] = {}
         self.exact: bool | None = None  # None until verified
+        # The Rust tokenizer itself, when there is one: the same ids as tokenizer(...) (checked with `exact`)
+        # without building attention masks and a BatchEncoding for every piece.
+        backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        self.backend = backend if hasattr(backend, "encode_batch") else None
+
+    def split(self, text: str) -> Pieces:
+        """`text` as pieces: each added token as its id, the text between them as it is (no empty strings)."""
+        if not self.added:
+            return [text] if text else []
+        parts = self.pattern.split(text)
+        return [self.added[part] if position % 2 else part for position, part in enumerate(parts)
+                if position % 2 or part]
+
+    def text(self, pieces: Pieces) -> str:
+        return "".join(piece if piece.__class__ is str else self.content[piece] for piece in pieces)
 
     def _whole(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        if self.exact is False or not self.added:
+    def _pieces_ids(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is None:
             return self._whole(texts)
-        pieces = [self.split.split(text) for text in texts]
-        missing = list({piece for parts in pieces for piece in parts[0::2] if piece and piece not in self.memo})
+        return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.encode_pieces([self.split(text) for text in texts])
+
+    def encode_pieces(self, sequences: list[Pieces]) -> list[list[int]]:
+        if self.exact is False:
+            return self._whole([self.text(pieces) for pieces in sequences])
+        memo = self.memo
+        missing = list({piece for pieces in sequences for piece in pieces
+                        if piece.__class__ is str and piece not in memo})
         if missing:
-            self.memo.update(zip(missing, self._whole(missing)))
+            memo.update(zip(missing, self._pieces_ids(missing)))
         encoded = []
-        for parts in pieces:
+        for pieces in sequences:
             ids: list[int] = []
-            for position, piece in enumerate(parts):
-                if position % 2:
-                    ids.append(self.added[piece])
-                elif piece:
-                    ids.extend(self.memo[piece])
+            for piece in pieces:
+                if piece.__class__ is str:
+                    ids += memo[piece]
+                else:
+                    ids.append(piece)
             encoded.append(ids)
         if self.exact is None:
-            sample = texts[:32]
+            sample = [self.text(pieces) for pieces in sequences[:32]]
             self.exact = self._whole(sample) == encoded[: len(sample)]
             if not self.exact:
-                return self._whole(texts)
+                return self._whole([self.text(pieces) for pieces in sequences])
         return encoded
+
+
+_SLOT = "\ue000{}\ue001"  # where message N's content goes in a shape's rendering (private-use characters)
+_SLOTS = re.compile("\ue000(\\d+)\ue001")
+_PROBE = ' a"b\\c\nd\te\rf&g\'h萊 '  # characters a template could escape or rewrite; a cached shape keeps them as is
+
+
+@dataclass
+class RenderCounts:
+    rendered: int = 0  # turn texts (prompts, replies) rendered through the chat template
+    filled: int = 0  # turn texts filled in from a cached rendering of their shape
+    checked: int = 0  # filled texts also rendered and compared (every FILL_CHECK_EVERY-th)
+    shapes: int = 0  # shapes cached (each costs three more renders: placeholders, the first conversation, a probe)
+    refused: int = 0  # shapes seen twice that filling does not reproduce: their texts are always rendered
+
+
+class FillMismatch(Exception):
+    """A filled-in turn text differs from the template's own rendering: the template reads its contents."""
+
+
+FILL_CHECK_EVERY = 128  # one filled text in this many is rendered too, to catch that (0.1 of 4 CPU-s on 20 MB)
+
+
+class _Shape:
+    """One rendering with placeholders: its pieces, where a str piece with contents is a list that
+    alternates literal text and message numbers."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, pieces: Pieces):
+        self.pieces = []
+        for piece in pieces:
+            parts = _SLOTS.split(piece) if piece.__class__ is str else [piece]
+            if len(parts) == 1:
+                self.pieces.append(parts[0])
+            else:
+                self.pieces.append([int(part) if position % 2 else part for position, part in enumerate(parts)
+                                    if position % 2 or part])
+
+    def fill(self, messages: list[dict]) -> Pieces:
+        return ["".join([messages[part]["content"] if part.__class__ is int else part for part in piece])
+                if piece.__class__ is list else piece for piece in self.pieces]
+
+
+class TurnRenderer:
+    """`turn_texts` as pieces, rendering the chat template once per distinct shape instead of per turn.
+
+    A turn needs two renders (its prompt: the history with the generation prompt; its reply: the
+    message after a generation prompt), and rendering jinja is most of what encoding a file costs.
+    Most turns differ from others only in their contents: the *shape* (each message without its
+    content, the tools, prompt or reply) repeats. A shape seen a second time is rendered once with
+    placeholders for the contents and once with a probe content (quotes, backslash, newline, tab,
+    CJK), and cached only if filling in the first conversation's contents gives exactly that
+    conversation's own rendering and the probe comes out as it went in (a template that escapes or
+    rewrites contents fails this). Every later turn of that shape is filled in, not rendered.
+
+    A content takes part only where the templates lyra knows cannot branch on it (`fillable`): text
+    with no surrounding whitespace (templates trim), without '<' or '>' (Qwen3 looks for `</think>`
+    and `<tool_response>` in contents) and without the first or last character of an added token (so
+    it cannot form or break one). Any other content is part of the shape itself, so such turns are
+    rendered whole, as are shapes seen once and shapes the checks refuse (`counts`). Exceptions come
+    from the real render, with the real contents, exactly as `turn_texts` raises them.
+
+    A template that branches on other contents (`{% if message.content.startswith('Q') %}`) can pass
+    the checks on a shape's first conversation and differ on a later one. So one filled text in
+    FILL_CHECK_EVERY is rendered as well, and a difference raises `FillMismatch`: the caller then
+    encodes again with `fill=False`, rendering every text.
+    """
+
+    def __init__(self, tokenizer, chunks: ChunkTokenizer, fill: bool = True):
+        self.tokenizer = tokenizer
+        self.chunks = chunks
+        self.fill = fill
+        edges = {"<", ">", "\ue000", "\ue001"} | {text[0] for text in chunks.added}
+        edges |= {text[-1] for text in chunks.added}
+        self.unsafe = re.compile("[" + "".join(re.escape(c) for c in sorted(edges)) + "]")
+        self.shapes: dict[tuple, _Shape | list[dict] | None] = {}  # a first conversation's messages until cached
+        self.counts = RenderCounts()
+
+    def fillable(self, content) -> bool:
+        return (content.__class__ is str and content != "" and content.strip() == content
+                and not self.unsafe.search(content))
+
+    def shape(self, message: dict) -> tuple:
+        """What of a message decides its rendering, its content left out where it can be filled in."""
+        fillable = self.fillable(message.get("content"))
+        if fillable and len(message) == 2 and "role" in message:  # the common case, without JSON
+            return ("role", message["role"])
+        try:
+            rest = {key: value for key, value in message.items() if key != "content"} if fillable else message
+            return ("slot" if fillable else "whole", json.dumps(rest, ensure_ascii=False))
+        except (TypeError, ValueError):  # not JSON: never the same shape as another message
+            return ("once", object())
+
+    def turns(self, messages: list[dict], indices: list[int], tools: list[dict] | None):
+        """(prompt pieces, reply pieces) for each assistant turn `messages[index]`, as `turn_texts` renders them."""
+        tools_key = json.dumps(tools, ensure_ascii=False) if tools else None
+        shapes = [self.shape(message) for message in messages]
+        for index in indices:
+            if index < 1:
+                turn_texts(messages[: index + 1], self.tokenizer, tools)  # raises why there is no prompt
+            prompt = self._pieces(("prompt", tools_key, *shapes[:index]), messages[:index],
+                                  lambda history: prompt_text(history, self.tokenizer, tools))
+            reply = self._pieces(("reply", tools_key, shapes[index]), [messages[index]],
+                                 lambda reply: reply_text(reply[0], self.tokenizer, tools))
+            yield prompt, reply
+
+    def _pieces(self, key: tuple, messages: list[dict], render_text) -> Pieces:
+        entry = self.shapes.get(key)
+        if entry.__class__ is list:  # the second conversation of this shape
+            self.shapes[key] = entry = self._cache(entry, render_text)
+        if entry.__class__ is _Shape:
+            self.counts.filled += 1
+            pieces = entry.fill(messages)
+            if self.counts.filled % FILL_CHECK_EVERY == 0:
+                self._check(pieces, messages, render_text)
+            return pieces
+        pieces = self.chunks.split(render_text(messages))
+        self.counts.rendered += 1
+        if self.fill and key not in self.shapes:
+            self.shapes[key] = messages
+        return pieces
+
+    def _check(self, pieces: Pieces, messages: list[dict], render_text) -> None:
+        self.counts.checked += 1
+        try:
+            same = self.chunks.split(render_text(messages)) == pieces
+        except Exception:  # the template raises for these contents where their shape rendered
+            same = False
+        if not same:
+            raise FillMismatch("the chat template renders a turn differently from the other turns of its shape "
+                               "(it reads the messages' contents)")
+
+    def _cache(self, first: list[dict], render_text) -> _Shape | None:
+        slots = [number for number, message in enumerate(first) if self.fillable(message.get("content"))]
+        placeholders, probe = list(first), list(first)
+        for number in slots:
+            placeholders[number] = dict(first[number], content=_SLOT.format(number))
+            probe[number] = dict(first[number], content=f"{number}{_PROBE}{number}")
+        try:
+            shape = _Shape(self.chunks.split(render_text(placeholders)))
+            exact = (shape.fill(first) == self.chunks.split(render_text(first))
+                     and shape.fill(probe) == self.chunks.split(render_text(probe)))
+        except Exception:  # a template may raise anything; the real render says why, for the real record
+            exact = False
+        if not exact:
+            self.counts.refused += 1
+            return None
+        self.counts.shapes += 1
+        return shape
