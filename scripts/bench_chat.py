@@ -3,6 +3,7 @@
     python scripts/bench_chat.py                                # random LoRA (lora=attn, r=16), 64 tokens
     python scripts/bench_chat.py --run-dir outputs/D/T --json   # a trained run's adapter; last line = JSON
     python scripts/bench_chat.py --peer llamacpp --json         # lyra (transformers, llamacpp engine) vs llama.cpp
+    python scripts/bench_chat.py --peer llamacpp --threads 1 --repeats 5   # steadier on a shared machine
 
 Every variant generates through lyra's chat path (`lyra.chat.generate_replies`, the greedy settings
 of conf/generation/greedy.yaml) from the same chat prompt, with `min_new_tokens = max_new_tokens`
@@ -27,7 +28,9 @@ Prefill tok/s = prompt tokens / the prompt's forward pass (KV cache empty). Deco
 (reply time - prefill time). The bound is the read bandwidth (best-of-N torch `sum` over a 1 GiB fp32
 buffer) over the variant's weight bytes (the GGUF file; the fp32 parameters): decode can at best read
 every weight once per token. Each lyra row shows its decode ratio to llama.cpp on the same file (the
-transformers row: to llama.cpp f16) and whether its reply's ids equal llama.cpp f16's.
+transformers row: to llama.cpp f16) and whether its reply's ids equal llama.cpp f16's. Each round starts
+one variant later than the last. On a machine shared with other work, llama.cpp's spinning threads
+suffer most: --threads below the core count and more --repeats steady the medians.
 """
 
 from __future__ import annotations
@@ -173,9 +176,11 @@ def peer_llamacpp(args) -> None:
     from lyra.generation import build_prompt_ids
     from lyra.runs import load_run
 
-    threads = torch.get_num_threads()
-    read_gbps = read_bandwidth()
     run = load_run(args.run_dir or random_lora_run(Path(args.work_dir)), device="cpu")
+    if args.threads:  # after load_run, which sets torch's threads to the cores idle at its start
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()  # the llamacpp engine takes torch's count; the raw peer gets it too
+    read_gbps = read_bandwidth()  # with those threads: one core alone may not saturate memory
     prompt = build_prompt_ids(PROMPT, run.tokenizer, system_prompt=run.system_prompt)
     n = args.tokens
     forced = {"do_sample": False, "repetition_penalty": 1.0, "max_new_tokens": n, "min_new_tokens": n}
@@ -192,7 +197,6 @@ def peer_llamacpp(args) -> None:
     variants["lyra transformers fp32"] = {"prefill": hf_prefill, "bytes": weight_bytes(model), "peer": "llama.cpp f16",
                                           "reply": lambda: transformers.generate(prompt, **forced).token_ids,
                                           "note": "merged in memory"}
-    peers = {}
     for gguf_type in args.gguf_types.split(","):
         try:
             engine = open_engine(run, "llamacpp", gguf_type, generation=greedy, n_ctx=len(prompt) + n + 8)
@@ -231,17 +235,20 @@ def peer_llamacpp(args) -> None:
                     break
             return tokens
 
-        peers[f"llama.cpp {gguf_type}"] = {"prefill": raw_prefill, "reply": raw_reply, "bytes": size, "peer": None,
+        variants[f"llama.cpp {gguf_type}"] = {"prefill": raw_prefill, "reply": raw_reply, "bytes": size, "peer": None,
                                             "note": "llama-cpp-python, no lyra code"}
-    variants.update(peers)
     for variant in variants.values():  # warm-up
         variant["prefill"]()
         variant["reply"]()
     prefill_s = {name: [] for name in variants}
     reply_s = {name: [] for name in variants}
     replies = {}
-    for _ in range(args.repeats):
-        for name, variant in variants.items():
+    names = list(variants)
+    for round_index in range(args.repeats):
+        # each round starts one variant later: no variant always follows the same neighbour
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            variant = variants[name]
             start = time.perf_counter()
             variant["prefill"]()
             prefill_s[name].append(time.perf_counter() - start)
@@ -264,7 +271,7 @@ def peer_llamacpp(args) -> None:
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} threads (torch and "
           f"llama.cpp); load average {os.getloadavg()[0]:.2f}; read bandwidth {read_gbps:.1f} GB/s (torch sum, 1 GiB)")
     print(f"{run.run_dir}: greedy, {n} new tokens forced, prompt {len(prompt)} tokens, median of {args.repeats} "
-          f"round-robin rounds")
+          f"round-robin rounds, each starting one variant later")
     header = (f"{'variant':<24}{'prefill tok/s':>14}{'decode tok/s':>13}{'vs llama.cpp':>13}{'weights MB':>11}"
               f"{'bound tok/s':>12}{'of bound':>9}  same reply  note")
     print(header)
@@ -289,6 +296,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--peer", choices=("llamacpp",), help="compare lyra's engines against llama.cpp itself")
     parser.add_argument("--gguf-types", default="f16,q8_0", help="--peer: the GGUF types to run (f16,q8_0,f32)")
+    parser.add_argument("--threads", type=int, help="--peer: threads for torch and llama.cpp alike "
+                                                     "(default: torch's); fewer than the cores = less hurt by neighbours")
     args = parser.parse_args()
     if args.peer:
         return peer_llamacpp(args)
