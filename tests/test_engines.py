@@ -117,6 +117,7 @@ def llamacpp(engine_run):
     engine.close()
 
 
+@pytest.mark.slow  # the first use makes the GGUF (a lyra.export subprocess)
 @needs_llama_cpp
 def test_llamacpp_greedy_replies_equal_transformers_streamed_and_not(engine_run, llamacpp):
     from lyra.engines import LlamaCppEngine, TransformersEngine
@@ -184,6 +185,7 @@ def test_auto_keeps_a_4bit_run_on_transformers(engine_run):
     assert open_engine(engine_run, "auto", generation=GREEDY).name == "transformers"
 
 
+@pytest.mark.slow  # a lyra.serve subprocess
 @needs_llama_cpp
 def test_server_on_llamacpp_answers_the_openai_client(engine_run, llamacpp, tmp_path):
     from openai import OpenAI
