@@ -168,12 +168,12 @@ def test_a_different_reply_refuses_llamacpp_and_sends_auto_back_to_transformers(
     monkeypatch.setattr(lyra.engines.LlamaCppEngine, "generate", off_by_one)
     other = {**GREEDY, "repetition_penalty": 1.2}  # another verdict key: the cached agreement does not apply
     with pytest.raises(UserError) as error:
-        lyra.engines.open_engine(engine_run, "llamacpp", generation=other)
+        lyra.engines.open_engine(engine_run, "llamacpp", generation=other, parity_tokens=8)
     assert error.value.key == "engine"
     assert "differs from transformers' on probe(s) 1, 2, 3 of 3" in error.value.message
     monkeypatch.setattr(lyra.engines, "is_quantized", lambda model: False)  # auto skips 4-bit runs otherwise
     with caplog.at_level("WARNING", logger="lyra.engines"):
-        engine = lyra.engines.open_engine(engine_run, "auto", generation=other)
+        engine = lyra.engines.open_engine(engine_run, "auto", generation=other, parity_tokens=8)
     assert engine.name == "transformers"
     assert any("auto fell back from llamacpp" in r.getMessage() for r in caplog.records)
 
