@@ -5,10 +5,13 @@
     printf '你好\\n我今天有點累\\nexit\\n' | python -m lyra.chat run_dir=R    # scripted, no TTY
     python -m lyra.chat run_dir=R adapter=none                              # the bare base model
     python -m lyra.chat run_dir=R generation.temperature=0                  # greedy
+    python -m lyra.chat run_dir=R engine=llamacpp                           # the run's GGUF on llama.cpp
 
 The transcript labels and the notices come from the run's persona (its `resolved_config.yaml`);
 `user_label=` / `bot_label=` override the labels. Generation itself (prompt fitting, the think
-filter, the streamer) is lyra.generation, shared with the web page and the probes; in Python:
+filter, the streamer) is lyra.generation, shared with the web page and the probes; `engine=` picks who
+computes the reply from those prompt ids (lyra.engines: transformers, or the run's GGUF on llama.cpp,
+checked against transformers at start). In Python:
 
     from lyra.generation import generate_response, stream_response
 """
@@ -25,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lyra.cli import hydra_app
 from lyra.errors import UserError
-from lyra.generation import DEFAULT_MAX_NEW_TOKENS, check_generation, context_budget, fit_prompt, stream_reply
+from lyra.generation import DEFAULT_MAX_NEW_TOKENS, check_generation, context_budget, fit_prompt
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +36,10 @@ EXIT_COMMANDS = ("exit", "quit")
 RESET_COMMAND = "/reset"
 # The session's own notices, in the persona's language (English for any other).
 NOTICES = {
-    "zh-TW": {"ready": "{name}準備好了（{run_dir}，adapter={adapter}）。輸入 {exits} 離開，{reset} 清除對話",
+    "zh-TW": {"ready": "{name}準備好了（{run_dir}，adapter={adapter}，engine={engine}）。輸入 {exits} 離開，{reset} 清除對話",
               "reset": "對話已重置", "cut": "輸入過長，已截斷至約 {budget} 個 token 的上限 (max_prompt_tokens)",
               "dropped": "已略去最早的 {dropped} 則訊息以符合長度上限"},
-    "en": {"ready": "{name} is ready ({run_dir}, adapter={adapter}). Type {exits} to leave, {reset} to clear the chat",
+    "en": {"ready": "{name} is ready ({run_dir}, adapter={adapter}, engine={engine}). Type {exits} to leave, {reset} to clear the chat",
            "reset": "the conversation was reset", "cut": "input too long: cut to about {budget} tokens (max_prompt_tokens)",
            "dropped": "left out the oldest {dropped} messages to fit the length limit"},
 }
@@ -47,8 +50,11 @@ NOTICES = {
 class ChatSession:
     """The interactive loop, reading lines from `stdin` and writing the transcript to `stdout`."""
 
-    def __init__(self, run, cfg: DictConfig, stdin: TextIO, stdout: TextIO, stderr: TextIO):
+    def __init__(self, run, cfg: DictConfig, stdin: TextIO, stdout: TextIO, stderr: TextIO, engine=None):
+        from lyra.engines import TransformersEngine
+
         self.run, self.cfg = run, cfg
+        self.engine = engine or TransformersEngine(run)
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.generation = OmegaConf.to_container(cfg.generation, resolve=True)
         self.budget = context_budget(run.model, self.generation.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS,
@@ -90,7 +96,7 @@ class ChatSession:
         self.stdout.write(label)
         self.stdout.flush()
         parts = []
-        for delta in stream_reply(fitted.ids, self.run.model, self.run.tokenizer, **self.generation):
+        for delta in self.engine.stream(fitted.ids, **self.generation):
             parts.append(delta)
             self.stdout.write(delta)
             self.stdout.flush()
@@ -103,6 +109,7 @@ class ChatSession:
 
     def loop(self) -> None:
         self.notice("ready", name=self.run.persona.name, run_dir=self.run.run_dir, adapter=self.run.adapter,
+                    engine=self.engine.name,
                     exits=" / ".join(EXIT_COMMANDS), reset=RESET_COMMAND)
         while True:
             line = self.read_line()
@@ -133,17 +140,24 @@ def chat(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
 
     run: an already loaded `LoadedRun` to talk to instead of loading cfg.run_dir (tests, notebooks).
     """
+    from lyra.engines import check_engine, open_engine
+    from lyra.gguf import check_gguf_type
     from lyra.runs import load_run, run_dir_path
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise UserError("run_dir", "is required: python -m lyra.chat run_dir=<training output dir>")
     run_dir_path(cfg.run_dir)  # before anything slow: a wrong path is the most common mistake
-    check_generation(OmegaConf.to_container(cfg.generation, resolve=True))
+    generation = OmegaConf.to_container(cfg.generation, resolve=True)
+    check_generation(generation)
+    check_engine(cfg.engine)
+    check_gguf_type(cfg.gguf_type, key="gguf_type")
     if not (isinstance(cfg.max_prompt_tokens, int) and cfg.max_prompt_tokens >= 16):
         raise UserError("max_prompt_tokens", f"must be an integer >= 16, got {cfg.max_prompt_tokens}")
     run = run or load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device, prepack=cfg.prepack)
-    session = ChatSession(run, cfg, stdin, stdout, stderr)
+    engine = open_engine(run, cfg.engine, cfg.gguf_type, generation=generation, device=cfg.device,
+                         n_ctx=cfg.max_prompt_tokens + (generation.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS))
+    session = ChatSession(run, cfg, stdin, stdout, stderr, engine=engine)
     if cfg.prompt is not None:
         session.reply(str(cfg.prompt), label="")
         return

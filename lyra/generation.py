@@ -371,23 +371,17 @@ class ReplyStreamer:
 _DONE = object()
 
 
-def stream_reply(prompt_ids: Sequence[int], model, tokenizer, guard: Callable[[], AbstractContextManager] = nullcontext,
-                 streamer: ReplyStreamer | None = None, **generation) -> Iterator[str]:
-    """Yield clean text deltas of the reply to `prompt_ids` as tokens arrive.
+def stream_worker(produce: Callable[[ReplyStreamer], None], streamer: ReplyStreamer) -> Iterator[str]:
+    """Yield the clean text deltas that `produce(streamer)` feeds the streamer, as they arrive.
 
-    Generation runs in a daemon worker thread inside `guard()` (the web page passes its model lock
-    and adapter switch); closing this generator (Ctrl-C, Stop, Reset) stops the worker at its next
-    token. The deltas concatenate to exactly what generate_replies returns as `text` (greedy).
-    streamer: pass your own ReplyStreamer to read its `generated` ids or `cancel()` it from another
-    thread (lyra.serve: a client that hung up while this generator waits for a token).
+    `produce` runs in a daemon worker thread (it takes any lock it needs); closing this generator
+    (Ctrl-C, Stop, Reset) cancels the streamer, so the worker stops at its next token. Every engine
+    (lyra.engines) streams through here.
     """
-    streamer = streamer or ReplyStreamer(tokenizer, think_tags=uses_think_tags(tokenizer))
 
     def work() -> None:
         try:
-            with guard():
-                if not streamer.cancelled.is_set():
-                    generate_replies([prompt_ids], model, tokenizer, streamer=streamer.streamer, **generation)
+            produce(streamer)
         except GenerationCancelled:
             log.info("a reply was abandoned: generation stopped early")
         except BaseException as error:  # re-raised in the reader's thread
@@ -404,6 +398,26 @@ def stream_reply(prompt_ids: Sequence[int], model, tokenizer, guard: Callable[[]
             yield item
     finally:
         streamer.cancel()
+
+
+def stream_reply(prompt_ids: Sequence[int], model, tokenizer, guard: Callable[[], AbstractContextManager] = nullcontext,
+                 streamer: ReplyStreamer | None = None, **generation) -> Iterator[str]:
+    """Yield clean text deltas of the reply to `prompt_ids` as tokens arrive.
+
+    Generation runs in a daemon worker thread inside `guard()` (the web page passes its model lock
+    and adapter switch); closing this generator (Ctrl-C, Stop, Reset) stops the worker at its next
+    token. The deltas concatenate to exactly what generate_replies returns as `text` (greedy).
+    streamer: pass your own ReplyStreamer to read its `generated` ids or `cancel()` it from another
+    thread (lyra.serve: a client that hung up while this generator waits for a token).
+    """
+    streamer = streamer or ReplyStreamer(tokenizer, think_tags=uses_think_tags(tokenizer))
+
+    def produce(streamer: ReplyStreamer) -> None:
+        with guard():
+            if not streamer.cancelled.is_set():
+                generate_replies([prompt_ids], model, tokenizer, streamer=streamer.streamer, **generation)
+
+    return stream_worker(produce, streamer)
 
 
 def stream_response(prompt_text: str, model, tokenizer, history: Sequence | None = None,

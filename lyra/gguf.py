@@ -82,9 +82,9 @@ def _tokenizer_pre(model_type: str, tokenizer) -> str:
                               f"tokenizer ({len(vocab):,} tokens) is neither")
 
 
-def check_gguf_type(type: str) -> None:
+def check_gguf_type(type: str, key: str = "gguf.type") -> None:
     if type not in GGUF_TYPES:
-        raise UserError("gguf.type", f"{type!r} is not one of {', '.join(GGUF_TYPES)}")
+        raise UserError(key, f"{type!r} is not one of {', '.join(GGUF_TYPES)}")
 
 
 def check_gguf_export(model_config, tokenizer, chat_template: str, type: str) -> GgufTarget:

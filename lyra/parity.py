@@ -27,15 +27,16 @@ Decoding is lyra's greedy rule everywhere: the argmax after transformers' repeti
 (each token of prompt and reply, once). llama.cpp's own `repeat_penalty` counts only the last 64
 sampled tokens, so on llama.cpp lyra applies its rule to llama.cpp's logits: what is compared is
 the file, its template, its tokenizer and the runtime's arithmetic, not two sampler designs.
+
+The llama.cpp code (the cached export, load_llama, the runner and lyra's greedy rule on its logits) is
+lyra.engines', shared with the llamacpp engine that chat, web and the server can serve with.
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib.util
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lyra.engines import GGUF_RUNTIME_HINT, LlamaCppRunner, export_gguf, gguf_cache_dir, hydra_override, lyra_env
 from lyra.errors import UserError
 from lyra.persona import metric_names, persona_metrics
 
@@ -54,11 +56,10 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("hf", "merged", "gguf", "server")
 REFERENCE = "hf"
-GGUF_RUNTIME_HINT = "pip install 'lyra[gguf-runtime]' (llama-cpp-python builds llama.cpp from source, ~10 min)"
 # What the gguf and server targets can reproduce of a greedy generation group; the rest are ignored by greedy.
 _PORTABLE = ("do_sample", "temperature", "max_new_tokens", "repetition_penalty")
 _IGNORED_BY_GREEDY = ("top_p", "top_k", "min_p", "typical_p")
-_EXPORT_LOG_LINES = 3  # lines of a failed export's output quoted in the report
+_EXPORT_LOG_LINES = 3  # lines of a failed server's output quoted in the report
 
 
 @dataclass
@@ -211,56 +212,13 @@ def _run_merged(result: TargetRun, run, adapter_path: Path, probes, prompts, gen
 
 # ---------------------------------------------------------------- gguf (llama.cpp)
 
-def adapter_digest(adapter_path: Path) -> str:
-    """A hash of every file of the adapter dir (weights, config, tokenizer, template)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in adapter_path.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(adapter_path)).encode() + b"\0")
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _lyra_env() -> dict[str, str]:
-    """The environment for a lyra subprocess: this very lyra first on the path."""
-    root = str(Path(__file__).resolve().parents[1])
-    paths = [root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
-
-
-def _override(key: str, value: Any) -> str:
-    """A Hydra command-line override whose value is taken literally (paths with = , or spaces)."""
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
-    return f"{key}='{text}'"
-
-
-def export_gguf(run_dir: Path, adapter: str, adapter_path: Path, gguf_type: str, device: str | None,
-                output_dir: Path) -> Path:
-    """`python -m lyra.export ... format=gguf` into output_dir (float32 merge, as on CPU); its GGUF file."""
-    gguf_file = output_dir / f"model-{gguf_type}.gguf"
-    if gguf_file.is_file() and (output_dir / "lyra_export.json").is_file():
-        log.info("reusing the GGUF export %s", gguf_file)
-        return gguf_file
-    command = [sys.executable, "-m", "lyra.export", _override("run_dir", run_dir), _override("output_dir", output_dir),
-               _override("adapter", adapter), "format=gguf", f"gguf.type={gguf_type}", "dtype=float32",
-               "overwrite=true", *([_override("device", device)] if device else [])]
-    log.info("exporting the run for llama.cpp: %s", " ".join(command[1:]))
-    done = subprocess.run(command, env=_lyra_env(), capture_output=True, text=True)
-    if done.returncode != 0 or not gguf_file.is_file():
-        tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-_EXPORT_LOG_LINES:]
-        raise UserError("targets", f"gguf: lyra.export format=gguf failed (exit {done.returncode}): "
-                                   + " | ".join(tail))
-    return gguf_file
-
-
 def _run_gguf(result: TargetRun, run, adapter: str, adapter_path: Path, probes, prompts, generation, device,
               gguf_type: str, cache: bool) -> None:
     import torch
 
     with ExitStack() as stack:
         if cache:
-            output_dir = run.run_dir / "exports" / f"gguf-{gguf_type}-{adapter_digest(adapter_path)[:12]}"
+            output_dir = gguf_cache_dir(run.run_dir, adapter_path, gguf_type)
         else:
             output_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lyra-parity-"))) / "gguf"
         gguf_file = export_gguf(run.run_dir, adapter, adapter_path, gguf_type, device, output_dir)
@@ -303,96 +261,6 @@ def _reply(text: str, raw: str, token_ids: list[int], ended_by_eos: bool, prompt
     return Reply(text=text, raw=raw, token_ids=token_ids, ended_by_eos=ended_by_eos, prompt_tokens=prompt_tokens)
 
 
-def load_llama(**kwargs):
-    """llama_cpp.Llama(**kwargs) with llama.cpp's extra buffer types off (`use_extra_bufts=False`).
-
-    On CPUs with AMX, llama.cpp's default build segfaults while repacking q8_0/q4 weights into its
-    AMX buffers (any GGUF, not only lyra's); plain CPU buffers compute the same result. Llama() has
-    no such argument (llama-cpp-python 0.3.36 silently drops unknown keywords), so the model
-    parameters it starts from are patched for this one load.
-    """
-    import llama_cpp
-
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def without_repacking():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = without_repacking
-    try:
-        llm = llama_cpp.Llama(**kwargs)
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
-    if llm.model_params.use_extra_bufts:
-        raise RuntimeError("llama-cpp-python ignored use_extra_bufts=False; q8_0 may crash on AMX CPUs")
-    return llm
-
-
-class LlamaCppRunner:
-    """llama.cpp (llama-cpp-python) on one GGUF file: its template, its tokenizer, its logits."""
-
-    def __init__(self, path: Path, n_ctx: int, n_threads: int) -> None:
-        import llama_cpp
-
-        self._llama_cpp = llama_cpp
-        self.llm = load_llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                              verbose=False)
-        self.n_vocab = self.llm.n_vocab()
-        self.template = self.llm.metadata.get("tokenizer.chat_template")
-        # llama-cpp-python swaps in a built-in format when the template looks like a known one
-        self.chat_format = self.llm.chat_format
-
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """What llama-cpp-python's create_chat_completion feeds the model: the file's embedded Jinja
-        template (Jinja2ChatFormatter, as Llama() sets it up from the metadata), tokenized by llama.cpp."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        if not self.template:
-            raise UserError("targets", "gguf: the file has no tokenizer.chat_template")
-        formatter = Jinja2ChatFormatter(template=self.template, eos_token=self._text(self.llm.token_eos()),
-                                        bos_token=self._text(self.llm.token_bos()))  # as Llama() builds it
-        rendered = formatter(messages=messages)
-        return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
-
-    def _text(self, token: int) -> str:
-        return "" if token < 0 else self.llm._model.token_get_text(token)
-
-    def is_end_of_generation(self, token: int) -> bool:
-        return bool(self._llama_cpp.llama_vocab_is_eog(self._llama_cpp.llama_model_get_vocab(self.llm.model), token))
-
-    def greedy(self, prompt: Sequence[int], max_new_tokens: int, stops: Sequence[int],
-               repetition_penalty: float) -> tuple[list[int], bool]:
-        """(tokens up to and including a stop, whether a stop ended it): lyra's greedy rule on llama.cpp's logits."""
-        import numpy as np
-
-        self.llm.reset()
-        self.llm.eval(list(prompt))
-        seen = set(prompt)
-        tokens: list[int] = []
-        for _ in range(max_new_tokens):
-            pointer = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-            logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float32)
-            if repetition_penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor
-                index = np.fromiter(seen, dtype=np.int64)
-                scores = logits[index]
-                logits[index] = np.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
-            token = int(np.argmax(logits))
-            tokens.append(token)
-            if token in stops:
-                return tokens, True
-            seen.add(token)
-            self.llm.eval([token])
-        return tokens, False
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.llm.detokenize(list(tokens)).decode("utf-8", errors="replace")
-
-    def close(self) -> None:
-        self.llm.close()
-
-
 # ---------------------------------------------------------------- server (lyra.serve + openai)
 
 def free_port() -> int:
@@ -405,10 +273,10 @@ def _run_server(result: TargetRun, run, adapter: str, probes, prompts, generatio
     import openai
 
     port = free_port()
-    command = [sys.executable, "-m", "lyra.serve", _override("run_dir", run.run_dir), f"port={port}",
-               "host=127.0.0.1", *([_override("adapter", adapter)] if adapter != "adapter" else [])]
+    command = [sys.executable, "-m", "lyra.serve", hydra_override("run_dir", run.run_dir), f"port={port}",
+               "host=127.0.0.1", *([hydra_override("adapter", adapter)] if adapter != "adapter" else [])]
     with tempfile.TemporaryFile(mode="w+") as output:
-        process = subprocess.Popen(command, env=_lyra_env(), stdout=output, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(command, env=lyra_env(), stdout=output, stderr=subprocess.STDOUT, text=True)
         try:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
                                    timeout=600)

@@ -3,6 +3,7 @@ Agnai or the `openai` package talk to it as to any chat-completions endpoint.
 
     python -m lyra.serve run_dir=outputs/2026-01-01/12-00-00               # http://127.0.0.1:8000/v1
     python -m lyra.serve run_dir=R port=8080 system_prompt=merge generation.temperature=0.5
+    python -m lyra.serve run_dir=R engine=llamacpp                          # the run's GGUF on llama.cpp
     LYRA_API_KEY=... python -m lyra.serve run_dir=R host=0.0.0.0             # the network needs a key
 
     from openai import OpenAI
@@ -14,7 +15,9 @@ adapter off) and `POST /v1/chat/completions` (stream or not; usage and finish_re
 A request's messages become the prompt the way docs/serving.md describes (leading system messages and
 SillyTavern's example dialogue merged into one system message; `system_prompt=run|client|merge`
 decides where the persona's prompt goes), then generation is lyra.generation's, as in chat and web:
-the fitted prompt, the template's stop ids, the think filter and the cancellable streamer.
+the fitted prompt, the template's stop ids, the think filter and the cancellable streamer, computed
+by the `engine=` lyra.engines opened (transformers, or the run's GGUF on llama.cpp; `<name>-base`
+always runs on transformers with the adapter off: the GGUF holds only the merged persona).
 
 One model serves everyone: a request waits in a bounded queue (an asyncio semaphore plus a counter);
 past `queue_size` waiting requests it gets 429 with Retry-After. Generation runs in a worker thread
@@ -80,7 +83,9 @@ def resolve_api_key(cfg: DictConfig) -> str | None:
 
 def check_serve_config(cfg: DictConfig) -> ServeSettings:
     """One line naming the bad key, before the model is loaded (the key rule included)."""
+    from lyra.engines import check_engine
     from lyra.generation import check_generation
+    from lyra.gguf import check_gguf_type
     from lyra.secrets import MIN_SECRET_LENGTH
 
     if OmegaConf.is_missing(cfg, "run_dir"):
@@ -107,6 +112,8 @@ def check_serve_config(cfg: DictConfig) -> ServeSettings:
                                 f"export {API_KEY_ENV}=<a long random key> (or api_key=...), or bind host=127.0.0.1")
     generation = OmegaConf.to_container(cfg.generation, resolve=True)
     check_generation(generation)
+    check_engine(cfg.engine)
+    check_gguf_type(cfg.gguf_type, key="gguf_type")
     default_new = generation.get("max_new_tokens")
     if default_new is not None and default_new > settings.max_tokens_limit:
         raise UserError("generation.max_new_tokens", f"{default_new} is above max_tokens_limit "
@@ -232,25 +239,6 @@ def generation_settings(body: Mapping[str, Any], defaults: Mapping[str, Any], ma
     except UserError as error:
         raise APIError(400, error.message, param=str(error.key).removeprefix("generation.")) from None
     return settings
-
-
-def openai_penalties(presence: float, frequency: float, prompt_length: int):
-    """A LogitsProcessor doing what OpenAI documents for presence_penalty and frequency_penalty:
-    logit[t] -= presence * (t appeared in the reply) + frequency * (times t appeared), over the reply's
-    tokens so far (the prompt is not counted, as in vLLM). Additive, unlike transformers'
-    multiplicative repetition_penalty, which the generation group may apply as well."""
-    import torch
-    from transformers import LogitsProcessor
-
-    class OpenAIPenalties(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            reply = input_ids[:, prompt_length:]
-            if reply.shape[1] == 0:
-                return scores
-            counts = torch.zeros_like(scores).scatter_add_(1, reply, torch.ones_like(reply, dtype=scores.dtype))
-            return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
-
-    return OpenAIPenalties()
 
 
 # ---------------------------------------------------------------- request -> prompt messages
@@ -441,10 +429,13 @@ class Job:
 class ChatService:
     """One loaded run shared by every client: admission, prompt building, generation."""
 
-    def __init__(self, run, settings: ServeSettings, generation: Mapping[str, Any]):
+    def __init__(self, run, settings: ServeSettings, generation: Mapping[str, Any], engine=None):
+        from lyra.engines import TransformersEngine
         from lyra.generation import stop_token_ids
 
         self.run = run
+        self.base_engine = TransformersEngine(run)  # <name>-base: the loaded model with the adapter off
+        self.engine = engine or self.base_engine
         self.settings = settings
         self.generation = dict(generation)
         self.name = str(run.persona.name) if run.persona is not None else "lyra"
@@ -566,15 +557,11 @@ class ChatService:
 
     @contextlib.contextmanager
     def _model_for(self, job: Job) -> Iterator[None]:
-        """The worker thread's hold on the model: the lock, the adapter switch, the seed."""
+        """The worker thread's hold on the model: the lock and the adapter switch (the engine seeds)."""
         with self.lock:
             adapter_off = self.run.adapter_disabled() if not job.adapter and self.run.has_adapter \
                 else contextlib.nullcontext()
             with adapter_off:
-                if job.seed is not None:
-                    from transformers import set_seed
-
-                    set_seed(job.seed)
                 yield
 
     async def _watch(self, request, streamer) -> None:
@@ -594,18 +581,13 @@ class ChatService:
         """
         import anyio
 
-        from lyra.generation import ReplyStreamer, stream_reply, uses_think_tags
-
-        tokenizer = self.run.tokenizer
-        streamer = ReplyStreamer(tokenizer, think_tags=uses_think_tags(tokenizer))
+        engine = self.engine if job.adapter else self.base_engine
+        streamer = engine.streamer()
         cutter = StopCutter(job.stop)
-        generation = dict(job.generation)
-        if any(job.penalties):
-            generation["logits_processor"] = [openai_penalties(*job.penalties, prompt_length=len(job.prompt_ids))]
         async with self.slot:
             watcher = asyncio.create_task(self._watch(request, streamer))
-            pieces = stream_reply(job.prompt_ids, self.run.model, tokenizer, guard=lambda: self._model_for(job),
-                                  streamer=streamer, **generation)
+            pieces = engine.stream(job.prompt_ids, guard=lambda: self._model_for(job), streamer=streamer,
+                                   penalties=job.penalties, seed=job.seed, **job.generation)
             try:
                 while (delta := await anyio.to_thread.run_sync(next, pieces, None)) is not None:
                     text = cutter.feed(delta)
@@ -769,6 +751,7 @@ async def stream_events(service: ChatService, job: Job, request) -> AsyncIterato
 
 def serve(cfg: DictConfig) -> None:
     """Check the config, load the run, serve until Ctrl-C."""
+    from lyra.engines import open_engine
     from lyra.runs import load_run
     from lyra.secrets import install_log_scrubber, register_secret
 
@@ -780,7 +763,13 @@ def serve(cfg: DictConfig) -> None:
     register_secret(settings.api_key)
     install_log_scrubber()
     run = load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device, prepack=cfg.prepack)
-    service = ChatService(run, settings, OmegaConf.to_container(cfg.generation, resolve=True))
+    generation = OmegaConf.to_container(cfg.generation, resolve=True)
+    engine = open_engine(run, cfg.engine, cfg.gguf_type, generation=generation, device=cfg.device,
+                         n_ctx=settings.max_prompt_tokens + settings.max_tokens_limit)
+    service = ChatService(run, settings, generation, engine=engine)
+    if engine is not service.base_engine and run.has_adapter:
+        log.info("engine: %s on %s; %s runs on transformers (the adapter off: the GGUF holds only the persona)",
+                 service.name, engine.name, service.base_name)
     app = build_app(service)
     import uvicorn
 

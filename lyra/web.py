@@ -11,7 +11,9 @@ it) and streams the replies through the terminal chat's own path (lyra.generatio
 and cancellable streamer, the run's system prompt, think blocks removed), keeps a multi-turn history, has sliders for
 temperature / top_p / max_new_tokens, a reset, and an "adapter off" comparison that answers the
 same message with the base model (`LoadedRun.adapter_disabled()` on the one shared model: PEFT's
-`disable_adapter()`, or the exact base weights swapped back into a run merged for speed).
+`disable_adapter()`, or the exact base weights swapped back into a run merged for speed). `engine=`
+picks who computes the persona's replies (lyra.engines: transformers, or the run's GGUF on llama.cpp);
+the comparison always runs on transformers, since the GGUF holds only the merged persona.
 
 One model instance serves everyone: Gradio's queue runs one generation at a time (every model
 event shares one concurrency slot) and `WebChat.lock` guards the model, so a comparison never
@@ -141,7 +143,9 @@ class Limits:
 
 def check_web_config(cfg: DictConfig) -> Limits:
     """One line naming the bad key, before the model is loaded."""
+    from lyra.engines import check_engine
     from lyra.generation import check_generation
+    from lyra.gguf import check_gguf_type
 
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise UserError("run_dir", "is required: python -m lyra.web run_dir=<training output dir>")
@@ -153,6 +157,8 @@ def check_web_config(cfg: DictConfig) -> Limits:
             raise UserError(key, f"must be an integer >= {low}, got {value}")
     generation = OmegaConf.to_container(cfg.generation, resolve=True)
     check_generation(generation)
+    check_engine(cfg.engine)
+    check_gguf_type(cfg.gguf_type, key="gguf_type")
     default_new = generation.get("max_new_tokens")
     if default_new is not None and default_new > limits.max_new_tokens_limit:
         raise UserError("generation.max_new_tokens", f"{default_new} is above max_new_tokens_limit "
@@ -217,8 +223,12 @@ def plain_history(history: Sequence | None) -> list[dict[str, str]]:
 class WebChat:
     """One loaded run shared by every visitor; `stream` yields a growing reply."""
 
-    def __init__(self, run, generation: Mapping[str, Any], limits: Limits):
+    def __init__(self, run, generation: Mapping[str, Any], limits: Limits, engine=None):
+        from lyra.engines import TransformersEngine
+
         self.run = run
+        self.base_engine = TransformersEngine(run)  # "adapter off": the loaded model, its adapter switched off
+        self.engine = engine or self.base_engine
         self.generation = dict(generation)
         self.limits = limits
         self.lock = threading.Lock()
@@ -263,7 +273,7 @@ class WebChat:
         Generation runs in a worker thread that holds the model lock for the whole reply; closing
         this generator (Stop, Reset) stops that worker at its next token.
         """
-        from lyra.generation import DEFAULT_MAX_NEW_TOKENS, context_budget, fit_prompt, stream_reply
+        from lyra.generation import DEFAULT_MAX_NEW_TOKENS, context_budget, fit_prompt
 
         message = self.check_message(message)
         settings = self.settings(**generation)
@@ -280,7 +290,8 @@ class WebChat:
                 yield
 
         shown = None
-        for delta in stream_reply(fitted.ids, model, tokenizer, guard=model_for_this_reply, **settings):
+        engine = self.engine if adapter else self.base_engine
+        for delta in engine.stream(fitted.ids, guard=model_for_this_reply, **settings):
             shown = (shown or "") + delta
             yield shown
         if shown is None:  # an empty reply still ends the stream with a value (the page shows EMPTY_REPLY)
@@ -399,6 +410,7 @@ def build_page(chat: WebChat, title: str, gr):
 
 def serve(cfg: DictConfig) -> None:
     """Load the run and serve its page until Ctrl-C."""
+    from lyra.engines import open_engine
     from lyra.runs import load_run
 
     from lyra.secrets import install_log_scrubber
@@ -408,7 +420,13 @@ def serve(cfg: DictConfig) -> None:
     install_log_scrubber()  # the passwords web_auth registered are masked in every log record
     limits = check_web_config(cfg)
     run = load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device, prepack=cfg.prepack)
-    chat = WebChat(run, OmegaConf.to_container(cfg.generation, resolve=True), limits)
+    generation = OmegaConf.to_container(cfg.generation, resolve=True)
+    engine = open_engine(run, cfg.engine, cfg.gguf_type, generation=generation, device=cfg.device,
+                         n_ctx=limits.max_prompt_tokens + limits.max_new_tokens_limit)
+    chat = WebChat(run, generation, limits, engine=engine)
+    if engine is not chat.base_engine and run.has_adapter:
+        log.info("engine: the persona on %s; the adapter-off comparison runs on transformers (the GGUF holds "
+                 "only the persona)", engine.name)
     page = build_page(chat, page_title(run.persona, cfg.title), gr)
     page.queue(max_size=limits.max_queue_size, default_concurrency_limit=1)
     page.launch(server_name=cfg.server_name, server_port=cfg.server_port, share=cfg.share, ssr_mode=False,

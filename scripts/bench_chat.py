@@ -2,6 +2,8 @@
 
     python scripts/bench_chat.py                                # random LoRA (lora=attn, r=16), 64 tokens
     python scripts/bench_chat.py --run-dir outputs/D/T --json   # a trained run's adapter; last line = JSON
+    python scripts/bench_chat.py --peer llamacpp --json         # lyra (transformers, llamacpp engine) vs llama.cpp
+    python scripts/bench_chat.py --peer llamacpp --threads 1 --repeats 5   # steadier on a shared machine
 
 Every variant generates through lyra's chat path (`lyra.chat.generate_replies`, the greedy settings
 of conf/generation/greedy.yaml) from the same chat prompt, with `min_new_tokens = max_new_tokens`
@@ -14,6 +16,21 @@ every weight once per token, so tok/s <= copy bandwidth / bytes of weights. The 
 measured here, with torch copying a 1 GiB buffer (bytes read + bytes written per second, as STREAM
 counts it) and with numpy for a second opinion. `same_reply` says whether the variant's token ids
 equal the fp32 PEFT reply (the reference lyra trained and evaluates).
+
+--peer llamacpp compares lyra against llama.cpp itself, in one invocation, on the same run (--run-dir,
+or the random LoRA written as a run dir), the same prompt ids, greedy (no repetition penalty: llama.cpp's
+own greedy is top_k=1), the same thread count, each variant's prompt processing and decode measured apart:
+    lyra transformers fp32   lyra's chat engine on the run merged in memory (what engine=transformers serves)
+    lyra llamacpp f16/q8_0   lyra.engines' llamacpp engine on the run's cached GGUF export (engine=llamacpp)
+    llama.cpp f16/q8_0       llama-cpp-python alone on the same GGUF file: `eval` for the prompt,
+                             `Llama.generate(temp=0, top_k=1)` for the reply, no lyra code in the loop
+Prefill tok/s = prompt tokens / the prompt's forward pass (KV cache empty). Decode tok/s = new tokens /
+(reply time - prefill time). The bound is the read bandwidth (best-of-N torch `sum` over a 1 GiB fp32
+buffer) over the variant's weight bytes (the GGUF file; the fp32 parameters): decode can at best read
+every weight once per token. Each lyra row shows its decode ratio to llama.cpp on the same file (the
+transformers row: to llama.cpp f16) and whether its reply's ids equal llama.cpp f16's. Each round starts
+one variant later than the last. On a machine shared with other work, llama.cpp's spinning threads
+suffer most: --threads below the core count and more --repeats steady the medians.
 """
 
 from __future__ import annotations
@@ -23,7 +40,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -54,6 +70,19 @@ def copy_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> dict[str, flo
         best = min(best, time.perf_counter() - start)
     result["numpy_copy_gbps"] = 2 * size_bytes / best / 1e9
     return result
+
+
+def read_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best-of-N read bandwidth in GB/s: torch summing a 1 GiB fp32 buffer (bytes read once, nothing written)."""
+    import torch
+
+    source = torch.ones(size_bytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        source.sum()
+        best = min(best, time.perf_counter() - start)
+    return size_bytes / best / 1e9
 
 
 def weight_bytes(model) -> int:
@@ -104,6 +133,160 @@ def load_variants(args):
     return variants, tokenizer
 
 
+# ---------------------------------------------------------------- --peer llamacpp
+
+def random_lora_run(work_dir: Path) -> Path:
+    """The random LoRA on SmolLM2 (as load_variants builds it) written as a lyra run dir: resolved config,
+    adapter and tokenizer, so lyra.export and lyra.runs treat it as a trained run."""
+    import torch
+    from omegaconf import OmegaConf
+    from peft import LoraConfig, get_peft_model
+
+    from lyra.modeling import build_model, build_tokenizer
+    from lyra.paths import compose_config
+
+    run_dir = Path(work_dir) / "bench-chat-run"
+    if (run_dir / "adapter" / "adapter_model.safetensors").is_file():
+        return run_dir
+    cfg = compose_config("train", ["model=smollm2_135m", "lora=attn", "lora.r=16", "quantization=none",
+                                   "logger=none", f"paths.output_dir={run_dir}"])
+    cfg.data.system_prompt = SYSTEM
+    tokenizer = build_tokenizer(cfg.model)
+    torch.manual_seed(0)
+    model = get_peft_model(build_model(cfg.model, None, torch.float32, "cpu"),
+                           LoraConfig(**OmegaConf.to_container(cfg.lora, resolve=True)))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+    model.save_pretrained(run_dir / "adapter")
+    tokenizer.save_pretrained(run_dir / "adapter")
+    OmegaConf.save(cfg, run_dir / "resolved_config.yaml", resolve=True)
+    return run_dir
+
+
+def peer_llamacpp(args) -> None:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from lyra.engines import LlamaCppEngine, TransformersEngine, gguf_cache_dir, load_llama, open_engine
+    from lyra.errors import UserError
+    from lyra.generation import build_prompt_ids
+    from lyra.runs import load_run
+
+    run = load_run(args.run_dir or random_lora_run(Path(args.work_dir)), device="cpu")
+    if args.threads:  # after load_run, which sets torch's threads to the cores idle at its start
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()  # the llamacpp engine takes torch's count; the raw peer gets it too
+    read_gbps = read_bandwidth()  # with those threads: one core alone may not saturate memory
+    prompt = build_prompt_ids(PROMPT, run.tokenizer, system_prompt=run.system_prompt)
+    n = args.tokens
+    forced = {"do_sample": False, "repetition_penalty": 1.0, "max_new_tokens": n, "min_new_tokens": n}
+    greedy = {"do_sample": False, "repetition_penalty": 1.0}
+
+    variants: dict[str, dict] = {}  # name: prefill(), reply() -> token ids, weight bytes, notes
+    model = run.model
+
+    def hf_prefill():
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+
+    transformers = TransformersEngine(run)
+    variants["lyra transformers fp32"] = {"prefill": hf_prefill, "bytes": weight_bytes(model), "peer": "llama.cpp f16",
+                                          "reply": lambda: transformers.generate(prompt, **forced).token_ids,
+                                          "note": "merged in memory"}
+    for gguf_type in args.gguf_types.split(","):
+        try:
+            engine = open_engine(run, "llamacpp", gguf_type, generation=greedy, n_ctx=len(prompt) + n + 8)
+            note = "parity ok"
+        except UserError as error:  # measured anyway, and said: engine=llamacpp would refuse this file
+            print(f"lyra llamacpp {gguf_type}: {error}", flush=True)
+            adapter_path = Path(run.run_dir) / run.adapter
+            engine = LlamaCppEngine(run, gguf_cache_dir(run.run_dir, adapter_path, gguf_type) / f"model-{gguf_type}.gguf",
+                                    n_ctx=len(prompt) + n + 8)
+            note = "parity FAILED: engine=llamacpp refuses it"
+
+        def engine_prefill(engine=engine):
+            engine.runner.llm.n_tokens = 0  # no KV reuse between rounds: every prefill reads the whole prompt
+            engine.runner.prefill(prompt)
+
+        def engine_reply(engine=engine):
+            engine.runner.llm.n_tokens = 0
+            return engine.generate(prompt, **forced).token_ids
+
+        size = engine.gguf_file.stat().st_size
+        variants[f"lyra llamacpp {gguf_type}"] = {"prefill": engine_prefill, "reply": engine_reply, "bytes": size,
+                                                  "peer": f"llama.cpp {gguf_type}", "note": note}
+        llm = load_llama(model_path=str(engine.gguf_file), n_ctx=len(prompt) + n + 8, n_threads=threads,
+                         n_threads_batch=threads, verbose=False)
+
+        def raw_prefill(llm=llm):
+            llm.reset()
+            llm.eval(prompt)
+
+        def raw_reply(llm=llm):
+            llm.reset()  # else generate() reuses the cached prompt and skips the prefill the lyra rows pay
+            tokens = []
+            for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+                tokens.append(token)
+                if len(tokens) == n:  # forced length: past any end token, as min_new_tokens does
+                    break
+            return tokens
+
+        variants[f"llama.cpp {gguf_type}"] = {"prefill": raw_prefill, "reply": raw_reply, "bytes": size, "peer": None,
+                                            "note": "llama-cpp-python, no lyra code"}
+    for variant in variants.values():  # warm-up
+        variant["prefill"]()
+        variant["reply"]()
+    prefill_s = {name: [] for name in variants}
+    reply_s = {name: [] for name in variants}
+    replies = {}
+    names = list(variants)
+    for round_index in range(args.repeats):
+        # each round starts one variant later: no variant always follows the same neighbour
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            variant = variants[name]
+            start = time.perf_counter()
+            variant["prefill"]()
+            prefill_s[name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            replies[name] = variant["reply"]()
+            reply_s[name].append(time.perf_counter() - start)
+    rows = {}
+    for name, variant in variants.items():
+        prefill, reply = statistics.median(prefill_s[name]), statistics.median(reply_s[name])
+        bound = read_gbps * 1e9 / variant["bytes"]
+        decode = n / max(reply - prefill, 1e-9)
+        rows[name] = {"variant": name, "prefill_tok_s": round(len(prompt) / prefill, 1), "decode_tok_s": round(decode, 2),
+                      "weight_mb": round(variant["bytes"] / 1e6, 1), "bound_tok_s": round(bound, 1),
+                      "of_bound": round(decode / bound, 3), "peer": variant["peer"], "note": variant["note"],
+                      "same_reply_as_llamacpp_f16": replies[name] == replies.get("llama.cpp f16")}
+    for row in rows.values():
+        peer_row = rows.get(row["peer"]) if row["peer"] else None
+        row["decode_vs_llamacpp"] = round(row["decode_tok_s"] / peer_row["decode_tok_s"], 3) if peer_row else None
+        row["prefill_vs_llamacpp"] = round(row["prefill_tok_s"] / peer_row["prefill_tok_s"], 3) if peer_row else None
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} threads (torch and "
+          f"llama.cpp); load average {os.getloadavg()[0]:.2f}; read bandwidth {read_gbps:.1f} GB/s (torch sum, 1 GiB)")
+    print(f"{run.run_dir}: greedy, {n} new tokens forced, prompt {len(prompt)} tokens, median of {args.repeats} "
+          f"round-robin rounds, each starting one variant later")
+    header = (f"{'variant':<24}{'prefill tok/s':>14}{'decode tok/s':>13}{'vs llama.cpp':>13}{'weights MB':>11}"
+              f"{'bound tok/s':>12}{'of bound':>9}  same reply  note")
+    print(header)
+    print("-" * len(header))
+    for row in rows.values():
+        ratio = f"{row['decode_vs_llamacpp']:.2f}x" if row["decode_vs_llamacpp"] is not None else "-"
+        print(f"{row['variant']:<24}{row['prefill_tok_s']:>14.1f}{row['decode_tok_s']:>13.2f}{ratio:>13}"
+              f"{row['weight_mb']:>11.1f}{row['bound_tok_s']:>12.1f}{row['of_bound']:>9.2f}  "
+              f"{'yes' if row['same_reply_as_llamacpp_f16'] else 'NO':<10}  {row['note']}")
+    print(f"reply (llama.cpp f16): {run.tokenizer.decode(replies.get('llama.cpp f16', []), skip_special_tokens=True)!r}")
+    if args.json:
+        print(json.dumps({"read_gbps": read_gbps, "threads": threads, "tokens": n, "prompt_tokens": len(prompt),
+                          "repeats": args.repeats, "load_average": os.getloadavg()[0], "rows": list(rows.values())}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", help="a trained SmolLM2 run (its adapter/); default: a random LoRA")
@@ -111,7 +294,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
     parser.add_argument("--work-dir", default=os.environ.get("TMPDIR", "/tmp"))
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--peer", choices=("llamacpp",), help="compare lyra's engines against llama.cpp itself")
+    parser.add_argument("--gguf-types", default="f16,q8_0", help="--peer: the GGUF types to run (f16,q8_0,f32)")
+    parser.add_argument("--threads", type=int, help="--peer: threads for torch and llama.cpp alike "
+                                                     "(default: torch's); fewer than the cores = less hurt by neighbours")
     args = parser.parse_args()
+    if args.peer:
+        return peer_llamacpp(args)
 
     import torch
     from transformers.utils import logging as hf_logging

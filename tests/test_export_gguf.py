@@ -263,7 +263,7 @@ def test_llama_cpp_generates_the_merged_models_greedy_reply_and_stops_at_eos(tmp
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install 'lyra[gguf-runtime]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lyra.parity import load_llama
+    from lyra.engines import load_llama
 
     source = _smollm2_dir()
     reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()

@@ -286,7 +286,7 @@ def test_stop_cutter_holds_back_a_possible_stop_string():
 def test_openai_penalties_lower_the_repeated_tokens():
     import torch
 
-    from lyra.serve import openai_penalties
+    from lyra.engines import openai_penalties
 
     scores = torch.zeros(1, 5)
     penalised = openai_penalties(0.5, 1.0, prompt_length=2)(torch.tensor([[3, 3, 1, 1, 2]]), scores)
