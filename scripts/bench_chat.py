@@ -20,7 +20,9 @@ equal the fp32 PEFT reply (the reference lyra trained and evaluates).
 --peer llamacpp compares lyra against llama.cpp itself, in one invocation, on the same run (--run-dir,
 or the random LoRA written as a run dir), the same prompt ids, greedy (no repetition penalty: llama.cpp's
 own greedy is top_k=1), the same thread count, each variant's prompt processing and decode measured apart:
-    lyra transformers fp32   lyra's chat engine on the run merged in memory (what engine=transformers serves)
+    lyra transformers fp32   lyra's chat engine on the run merged in memory, eager F.linear (prepack=false)
+    ... fp32 prepacked       the same with oneDNN-packed linear weights (lyra.prepack): what
+                             engine=transformers serves on CPU by default
     lyra llamacpp f16/q8_0   lyra.engines' llamacpp engine on the run's cached GGUF export (engine=llamacpp)
     llama.cpp f16/q8_0       llama-cpp-python alone on the same GGUF file: `eval` for the prompt,
                              `Llama.generate(temp=0, top_k=1)` for the reply, no lyra code in the loop
@@ -28,7 +30,8 @@ Prefill tok/s = prompt tokens / the prompt's forward pass (KV cache empty). Deco
 (reply time - prefill time). The bound is the read bandwidth (best-of-N torch `sum` over a 1 GiB fp32
 buffer) over the variant's weight bytes (the GGUF file; the fp32 parameters): decode can at best read
 every weight once per token. Each lyra row shows its decode ratio to llama.cpp on the same file (the
-transformers row: to llama.cpp f16) and whether its reply's ids equal llama.cpp f16's. Each round starts
+transformers rows: to llama.cpp f32 when --gguf-types has it, else f16) and whether its reply's ids
+equal llama.cpp f16's and the eager transformers row's. Each round starts
 one variant later than the last. On a machine shared with other work, llama.cpp's spinning threads
 suffer most: --threads below the core count and more --repeats steady the medians.
 """
@@ -194,9 +197,21 @@ def peer_llamacpp(args) -> None:
             model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
 
     transformers = TransformersEngine(run)
-    variants["lyra transformers fp32"] = {"prefill": hf_prefill, "bytes": weight_bytes(model), "peer": "llama.cpp f16",
+    same_precision = "llama.cpp f32" if "f32" in args.gguf_types.split(",") else "llama.cpp f16"
+    variants["lyra transformers fp32"] = {"prefill": hf_prefill, "bytes": weight_bytes(model), "peer": same_precision,
                                           "reply": lambda: transformers.generate(prompt, **forced).token_ids,
-                                          "note": "merged in memory"}
+                                          "note": "merged in memory, prepack=false"}
+    # the same run as chat, web and serve load it by default on CPU: oneDNN-packed linears (lyra.prepack)
+    packed_run = load_run(run.run_dir, adapter=run.adapter, device="cpu", prepack=True)
+    packed_model, packed = packed_run.model, TransformersEngine(packed_run)
+
+    def packed_prefill():
+        with torch.inference_mode():
+            packed_model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+
+    variants["lyra transformers fp32 prepacked"] = {
+        "prefill": packed_prefill, "bytes": weight_bytes(model), "peer": same_precision,
+        "reply": lambda: packed.generate(prompt, **forced).token_ids, "note": "prepack=true (the default)"}
     for gguf_type in args.gguf_types.split(","):
         try:
             engine = open_engine(run, "llamacpp", gguf_type, generation=greedy, n_ctx=len(prompt) + n + 8)
@@ -263,7 +278,8 @@ def peer_llamacpp(args) -> None:
         rows[name] = {"variant": name, "prefill_tok_s": round(len(prompt) / prefill, 1), "decode_tok_s": round(decode, 2),
                       "weight_mb": round(variant["bytes"] / 1e6, 1), "bound_tok_s": round(bound, 1),
                       "of_bound": round(decode / bound, 3), "peer": variant["peer"], "note": variant["note"],
-                      "same_reply_as_llamacpp_f16": replies[name] == replies.get("llama.cpp f16")}
+                      "same_reply_as_llamacpp_f16": replies[name] == replies.get("llama.cpp f16"),
+                      "same_reply_as_transformers": replies[name] == replies["lyra transformers fp32"]}
     for row in rows.values():
         peer_row = rows.get(row["peer"]) if row["peer"] else None
         row["decode_vs_llamacpp"] = round(row["decode_tok_s"] / peer_row["decode_tok_s"], 3) if peer_row else None
@@ -273,14 +289,15 @@ def peer_llamacpp(args) -> None:
     print(f"{run.run_dir}: greedy, {n} new tokens forced, prompt {len(prompt)} tokens, median of {args.repeats} "
           f"round-robin rounds, each starting one variant later")
     header = (f"{'variant':<24}{'prefill tok/s':>14}{'decode tok/s':>13}{'vs llama.cpp':>13}{'weights MB':>11}"
-              f"{'bound tok/s':>12}{'of bound':>9}  same reply  note")
+              f"{'bound tok/s':>12}{'of bound':>9}  same reply as f16 / as transformers  note")
     print(header)
     print("-" * len(header))
     for row in rows.values():
         ratio = f"{row['decode_vs_llamacpp']:.2f}x" if row["decode_vs_llamacpp"] is not None else "-"
         print(f"{row['variant']:<24}{row['prefill_tok_s']:>14.1f}{row['decode_tok_s']:>13.2f}{ratio:>13}"
               f"{row['weight_mb']:>11.1f}{row['bound_tok_s']:>12.1f}{row['of_bound']:>9.2f}  "
-              f"{'yes' if row['same_reply_as_llamacpp_f16'] else 'NO':<10}  {row['note']}")
+              f"{'yes' if row['same_reply_as_llamacpp_f16'] else 'NO':<4} / "
+              f"{'yes' if row['same_reply_as_transformers'] else 'NO':<4}  {row['note']}")
     print(f"reply (llama.cpp f16): {run.tokenizer.decode(replies.get('llama.cpp f16', []), skip_special_tokens=True)!r}")
     if args.json:
         print(json.dumps({"read_gbps": read_gbps, "threads": threads, "tokens": n, "prompt_tokens": len(prompt),
