@@ -288,13 +288,13 @@ def peer_llamacpp(args) -> None:
           f"llama.cpp); load average {os.getloadavg()[0]:.2f}; read bandwidth {read_gbps:.1f} GB/s (torch sum, 1 GiB)")
     print(f"{run.run_dir}: greedy, {n} new tokens forced, prompt {len(prompt)} tokens, median of {args.repeats} "
           f"round-robin rounds, each starting one variant later")
-    header = (f"{'variant':<24}{'prefill tok/s':>14}{'decode tok/s':>13}{'vs llama.cpp':>13}{'weights MB':>11}"
+    header = (f"{'variant':<34}{'prefill tok/s':>14}{'decode tok/s':>13}{'vs llama.cpp':>13}{'weights MB':>11}"
               f"{'bound tok/s':>12}{'of bound':>9}  same reply as f16 / as transformers  note")
     print(header)
     print("-" * len(header))
     for row in rows.values():
         ratio = f"{row['decode_vs_llamacpp']:.2f}x" if row["decode_vs_llamacpp"] is not None else "-"
-        print(f"{row['variant']:<24}{row['prefill_tok_s']:>14.1f}{row['decode_tok_s']:>13.2f}{ratio:>13}"
+        print(f"{row['variant']:<34}{row['prefill_tok_s']:>14.1f}{row['decode_tok_s']:>13.2f}{ratio:>13}"
               f"{row['weight_mb']:>11.1f}{row['bound_tok_s']:>12.1f}{row['of_bound']:>9.2f}  "
               f"{'yes' if row['same_reply_as_llamacpp_f16'] else 'NO':<4} / "
               f"{'yes' if row['same_reply_as_transformers'] else 'NO':<4}  {row['note']}")
