@@ -192,10 +192,14 @@ def test_prefix_sharing_gives_the_padded_loss(setup, tmp_path):
         try:
             assert lyra.compute_loss(model, dict(gathered)).item() == pytest.approx(padded_loss, abs=1e-5)
             assert stock.compute_loss(model, dict(gathered)).item() == pytest.approx(padded_loss, abs=1e-5)
-            # a batch without tree metadata falls back to sdpa under the same implementation
+            # a batch without tree metadata falls back to sdpa under the same implementation, and so does
+            # generation with a KV cache (persona probes generate from the training model mid-training)
             assert lyra.compute_loss(model, dict(padded)).item() == pytest.approx(padded_loss, abs=1e-5)
+            prompt = torch.tensor([examples[0]["input_ids"][:20]])
+            tree_tokens = model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
         finally:
             model.set_attn_implementation("sdpa")
+        assert torch.equal(tree_tokens, model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False))
     model.train()
 
 
