@@ -249,6 +249,8 @@ def validate(cfg: DictConfig) -> None:
              f"must be true or false, got {data.get('padding_free')!r}")
     _require(isinstance(data.get("prefix_sharing", False), bool), "data.prefix_sharing",
              f"must be true or false, got {data.get('prefix_sharing')!r}")
+    _require(isinstance(data.get("tree_attention", False), bool), "data.tree_attention",
+             f"must be true or false, got {data.get('tree_attention')!r}")
     _require(not (data.get("prefix_sharing") and data.get("padding_free")), "data.prefix_sharing",
              "and data.padding_free both pack a batch into rows, in different ways: set one of them to false")
     _require(data.get("on_invalid") in ("error", "skip"), "data.on_invalid", f"must be error or skip, got {data.get('on_invalid')}")

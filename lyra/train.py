@@ -147,6 +147,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             else:  # supervised-only logits + shared prompt prefixes / dynamic padding / padding-free (lyra.trainer, lyra.loss, lyra.data.collate)
                 trainer = build_trainer(model, args, tokenizer, splits.train, splits.eval, cfg.data.padding_free,
                                         prefix_sharing=cfg.data.get("prefix_sharing", False),
+                                        tree_attention=cfg.data.get("tree_attention", False),
                                         max_row_tokens=SHARED_ROW_LENGTHS * cfg.data.max_length, callbacks=callbacks)
 
             with guard_training(trainer, run_dir, cfg):  # atomic checkpoints; signals, OOM and crashes keep the adapter

@@ -67,7 +67,8 @@ class SupervisedLogitsTrainer(Trainer):
 def build_trainer(model, args, tokenizer, train_dataset, eval_dataset, padding_free: bool,
                   callbacks: list[Any] | None = None,
                   trainer_cls: type[SupervisedLogitsTrainer] = SupervisedLogitsTrainer,
-                  prefix_sharing: bool = False, max_row_tokens: int = 2048) -> SupervisedLogitsTrainer:
+                  prefix_sharing: bool = False, max_row_tokens: int = 2048,
+                  tree_attention: bool = False) -> SupervisedLogitsTrainer:
     """lyra's default Trainer: supervised-only logits + shared prompt prefixes (or dynamic padding,
     or padding-free packing).
 
@@ -78,7 +79,8 @@ def build_trainer(model, args, tokenizer, train_dataset, eval_dataset, padding_f
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=build_collator(tokenizer, model, padding_free, prefix_sharing, max_row_tokens),
+        data_collator=build_collator(tokenizer, model, padding_free, prefix_sharing, max_row_tokens,
+                                     tree_attention),
         processing_class=tokenizer,
         callbacks=callbacks or [],
     )

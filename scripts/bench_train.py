@@ -60,8 +60,9 @@ PEERS = ("hf", "trl", "llamafactory", "unsloth")
 VARIANTS = ("baseline", "hf", "trl", "llamafactory", "unsloth", "lyra")
 # Run only when named in --variants, each lyra with one default changed: data.padding_free=true
 # (flattened rows, sdpa block mask, instead of prefix sharing), data.prefix_sharing=false (one row per
-# example), model.lean_activations=false (the stock norm and MLP modules).
-OPTIONAL = ("lyra_padding_free", "lyra_unshared", "lyra_stock_modules")
+# example), model.lean_activations=false (the stock norm and MLP modules), data.tree_attention=false
+# (prefix sharing under the dense [L, L] tree mask instead of gathered-path attention).
+OPTIONAL = ("lyra_padding_free", "lyra_unshared", "lyra_stock_modules", "lyra_dense_mask")
 GPU_ONLY = {"unsloth"}
 
 # Random Qwen3s built locally (weights a pure function of the seed), so no download is ever needed.
@@ -403,7 +404,8 @@ def in_process_trainer(args, cfg, run_dir):
         prefix_sharing = cfg.data.prefix_sharing and args.variant not in ("lyra_padding_free", "lyra_unshared")
         trainer = build_trainer(model, training_args, tokenizer, dataset, None, padding_free,
                                 trainer_cls=measured(SupervisedLogitsTrainer), prefix_sharing=prefix_sharing,
-                                max_row_tokens=SHARED_ROW_LENGTHS * cfg.data.max_length)
+                                max_row_tokens=SHARED_ROW_LENGTHS * cfg.data.max_length,
+                                tree_attention=cfg.data.get("tree_attention", False) and args.variant != "lyra_dense_mask")
     return trainer, model, dataset
 
 

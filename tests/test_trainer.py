@@ -12,8 +12,9 @@ from conftest import compose, tiny_lora_setup
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from lyra.attention import use_tree_attention
 from lyra.errors import UserError
-from lyra.data.collate import PrefixSharingCollator, build_collator
+from lyra.data.collate import PrefixSharingCollator, attention_implementation, build_collator
 from lyra.data.tokenization import IGNORE_INDEX
 from lyra.loss import linear_cross_entropy, shifted_targets, token_mask
 from lyra.trainer import build_trainer
@@ -185,29 +186,63 @@ def test_prefix_sharing_gives_the_padded_loss(setup, tmp_path):
         assert lyra.compute_loss(model, dict(shared)).item() == pytest.approx(padded_loss, abs=1e-5)
         # the model's own full-logits loss takes the tree mask and shift_labels too (predict, label smoothing)
         assert stock.compute_loss(model, dict(shared)).item() == pytest.approx(padded_loss, abs=1e-5)
+        # and the same rows under lyra.attention's gathered paths (on the 4-bit model, PEFT-wrapped)
+        gathered = PrefixSharingCollator(tokenizer, max_row_tokens=4096, tree_attention=True)(examples)
+        use_tree_attention(model)
+        try:
+            assert lyra.compute_loss(model, dict(gathered)).item() == pytest.approx(padded_loss, abs=1e-5)
+            assert stock.compute_loss(model, dict(gathered)).item() == pytest.approx(padded_loss, abs=1e-5)
+            # a batch without tree metadata falls back to sdpa under the same implementation, and so does
+            # generation with a KV cache (persona probes generate from the training model mid-training)
+            assert lyra.compute_loss(model, dict(padded)).item() == pytest.approx(padded_loss, abs=1e-5)
+            prompt = torch.tensor([examples[0]["input_ids"][:20]])
+            tree_tokens = model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
+        finally:
+            model.set_attn_implementation("sdpa")
+        assert torch.equal(tree_tokens, model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False))
     model.train()
 
 
-def test_prefix_sharing_gives_each_examples_own_loss_and_gradients_in_float64(setup, tmp_path):
-    """Exact equivalence: in float64 the tree rows give the loss and gradients of one pass per example."""
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("tree_attention", [True, False], ids=["gathered_paths", "dense_mask"])
+def test_prefix_sharing_gives_each_examples_own_loss_and_gradients_in_float64(setup, tmp_path, family, tree_attention):
+    """Exact equivalence: in float64 the tree rows give the loss and gradients of one pass per example,
+    under lyra.attention's gathered paths and under the dense tree mask, on Qwen3 and on Llama (SmolLM2)."""
     from test_lean import random_causal_lm
 
     cfg, tokenizer, splits, _ = setup
-    model = random_causal_lm("qwen3").double()
+    model = random_causal_lm(family).double()
     vocab = model.config.vocab_size
     first, second = same_conversation_pair(splits)
     examples = [{"input_ids": [token % vocab for token in splits.train[i]["input_ids"]],
                  "labels": [label if label == IGNORE_INDEX else label % vocab for label in splits.train[i]["labels"]]}
-                for i in (first, second, 7, 7, 3)]
+                for i in (first, second, 7, 7, 3, 12)]
+    examples[-1]["input_ids"][0] = (examples[-1]["input_ids"][0] + 1) % vocab  # shares nothing: a row of its own
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    lyra = build_trainer(model, args, tokenizer, None, None, padding_free=False, prefix_sharing=True)
+    lyra = build_trainer(model, args, tokenizer, None, None, padding_free=False, prefix_sharing=True,
+                         tree_attention=tree_attention)
+    assert lyra.data_collator.tree_attention is tree_attention
+    assert attention_implementation(model) == ("lyra_tree" if tree_attention else "sdpa")
 
     class PadZero:
         pad_token_id = 0
 
-    shared = PrefixSharingCollator(PadZero(), max_row_tokens=260)(examples)  # the budget forces more rows
+    shared = PrefixSharingCollator(PadZero(), max_row_tokens=300, tree_attention=tree_attention)(examples)  # budget: 3 rows
     real = int(token_mask(shared["attention_mask"]).sum())
-    assert shared["input_ids"].shape[0] >= 2 and real < sum(len(e["input_ids"]) for e in examples)
+    assert shared["input_ids"].shape[0] >= 3 and real < sum(len(e["input_ids"]) for e in examples)
+    lengths = token_mask(shared["attention_mask"]).sum(-1)
+    assert int(lengths.min()) < shared["input_ids"].shape[1]  # a padded row
+    if tree_attention:  # branches of different lengths, several in one row, and a row without any
+        tree = shared["tree"]
+        own = (tree["queries"] != 0).sum(-1)  # padded query slots hold 0, the first root's first position
+        assert len(set(own.tolist())) > 1
+        branch_rows = (tree["queries"][:, 0] // shared["input_ids"].shape[1]).tolist()
+        assert max(branch_rows.count(r) for r in branch_rows) >= 2
+        assert len(set(branch_rows)) < shared["input_ids"].shape[0]
+        # the gathered paths alone give each token its context: the dense mask keeps only its diagonal,
+        # which the loss reads as the real tokens (were it used for attention, no token would see another)
+        eye = torch.eye(shared["input_ids"].shape[1], dtype=torch.bool)
+        shared["attention_mask"] = shared["attention_mask"] & eye
     model.zero_grad(set_to_none=True)
     shared_loss = lyra.compute_loss(model, dict(shared))
     shared_loss.backward()

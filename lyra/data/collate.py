@@ -5,7 +5,8 @@
 
 - `PrefixSharingCollator` (`data.prefix_sharing=true`, the default): the prompt tokens a batch's
   examples have in common (the system prompt, a conversation's earlier turns) are run once; each
-  example branches off under a tree mask, so the loss is unchanged.
+  example branches off under a tree mask, so the loss is unchanged. With `data.tree_attention`, the
+  model attends over each example's gathered path instead of the dense mask (lyra.attention).
 - Otherwise dynamic padding to the longest sample of the batch (a multiple of 8 on GPU, where tensor
   cores want it); batches are length-grouped by `trainer.train_sampling_strategy=group_by_length`.
   With `data.padding_free=true`, samples are flattened into one row with restarting position ids
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
+from lyra.attention import TREE_ATTENTION, use_tree_attention
 from lyra.data.tokenization import IGNORE_INDEX
 from lyra.errors import UserError
 
@@ -67,12 +69,18 @@ class PrefixSharingCollator:
     A row holds at most `max_row_tokens` tokens: its dense mask costs attention over the whole row.
     Padding positions attend to the row's first token only (never an all-masked row, which gives NaN).
     Logits asked for by `predict` come in this row layout, one per row position.
+
+    With `tree_attention`, the batch also carries `tree`: the indices lyra.attention needs to run each
+    example's own tokens over its gathered path instead of the dense mask (the mask stays: the loss
+    counts tokens on its diagonal, and a model without lyra_tree attention uses it).
     """
 
-    def __init__(self, tokenizer, max_row_tokens: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, tokenizer, max_row_tokens: int, pad_to_multiple_of: int | None = None,
+                 tree_attention: bool = False):
         self.pad_token_id = tokenizer.pad_token_id
         self.max_row_tokens = max_row_tokens
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.tree_attention = tree_attention
 
     @staticmethod
     def _shareable(ids, labels, other_ids, other_labels) -> int:
@@ -88,11 +96,11 @@ class PrefixSharingCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         examples = [(np.asarray(f["input_ids"], dtype=np.int64), np.asarray(f["labels"], dtype=np.int64))
                     for f in features]
-        rows: list[dict] = []  # each: {"length": int, "members": [(example index, path)]}
+        rows: list[dict] = []  # each: {"length": int, "members": [(example index, path, tokens shared)]}
         for index, (ids, labels) in enumerate(examples):
             best, best_row, best_path = 0, None, None
             for row in rows:
-                for member, path in row["members"]:
+                for member, path, _ in row["members"]:
                     shared = self._shareable(ids, labels, *examples[member])
                     if shared > best and row["length"] + len(ids) - shared <= self.max_row_tokens:
                         best, best_row, best_path = shared, row, path
@@ -102,7 +110,7 @@ class PrefixSharingCollator:
                 best_path = np.empty(0, dtype=np.int64)
             start = best_row["length"]
             path = np.concatenate([best_path[:best], np.arange(start, start + len(ids) - best)])
-            best_row["members"].append((index, path))
+            best_row["members"].append((index, path, best))
             best_row["length"] += len(ids) - best
         width = max(row["length"] for row in rows)
         if self.pad_to_multiple_of:
@@ -113,7 +121,7 @@ class PrefixSharingCollator:
         position_ids = np.zeros((len(rows), width), dtype=np.int64)
         mask = np.zeros((len(rows), 1, width, width), dtype=bool)
         for r, row in enumerate(rows):
-            for member, path in row["members"]:
+            for member, path, _ in row["members"]:
                 ids, labels = examples[member]
                 input_ids[r, path] = ids
                 labels_out[r, path] = labels
@@ -121,30 +129,74 @@ class PrefixSharingCollator:
                 position_ids[r, path] = np.arange(len(ids))
                 mask[r, 0][np.ix_(path, path)] |= np.tri(len(ids), dtype=bool)
             mask[r, 0, row["length"]:, 0] = True  # padding: attend to the first token, never to nothing
-        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
-                "position_ids": torch.from_numpy(position_ids), "labels": torch.from_numpy(labels_out),
-                "shift_labels": torch.from_numpy(shift_labels)}
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
+                 "position_ids": torch.from_numpy(position_ids), "labels": torch.from_numpy(labels_out),
+                 "shift_labels": torch.from_numpy(shift_labels)}
+        if self.tree_attention:
+            batch["tree"] = self._tree(rows, width)
+        return batch
+
+    @staticmethod
+    def _tree(rows: list[dict], width: int) -> dict:
+        """lyra.attention's metadata: each row's root (its first example, from position 0) runs causally
+        over the first `root` positions; each branch's own positions (`queries`, flat row*width+position
+        indices, padded) attend to its path (`keys`) under `mask`; `output` takes every row position's
+        result from the roots' [rows * root] outputs followed by the branches' [branches * longest] ones."""
+        root = max(len(row["members"][0][1]) for row in rows)
+        output = np.zeros(len(rows) * width, dtype=np.int64)  # padding takes any result: nothing reads it
+        branches = [(r, path, shared) for r, row in enumerate(rows) for _, path, shared in row["members"][1:]]
+        for r, row in enumerate(rows):
+            first = len(row["members"][0][1])
+            output[r * width:r * width + first] = r * root + np.arange(first)
+        tree = {"root": root}
+        if branches:
+            own_length = max(len(path) - shared for _, path, shared in branches)
+            path_length = max(len(path) for _, path, _ in branches)
+            queries = np.zeros((len(branches), own_length), dtype=np.int64)
+            keys = np.zeros((len(branches), path_length), dtype=np.int64)
+            for b, (r, path, shared) in enumerate(branches):
+                own = r * width + path[shared:]
+                queries[b, :len(own)] = own
+                keys[b, :len(path)] = r * width + path
+                output[own] = len(rows) * root + b * own_length + np.arange(len(own))
+            lengths = np.array([len(path) for _, path, _ in branches])[:, None, None]
+            shared = np.array([shared for _, _, shared in branches])[:, None, None]
+            # a branch's j-th own token sees its path up to itself; padded queries see the whole path (no NaN)
+            key_at = np.arange(path_length)[None, None, :]
+            mask = (key_at <= shared + np.arange(own_length)[None, :, None]) & (key_at < lengths)
+            tree.update(queries=torch.from_numpy(queries), keys=torch.from_numpy(keys),
+                        mask=torch.from_numpy(mask[:, None]))
+        tree["output"] = torch.from_numpy(output)
+        return tree
 
 
 def prefix_sharing_problem(model) -> str | None:
     """Why a batch's examples cannot share prefixes in one row for this model, or None when they can."""
     implementation = attention_implementation(model)
-    if implementation != "sdpa":
+    if implementation not in ("sdpa", TREE_ATTENTION):
         return f"it needs attn_implementation sdpa (a boolean tree mask), not {implementation!r}"
     return None
 
 
-def build_collator(tokenizer, model, padding_free: bool, prefix_sharing: bool = False, max_row_tokens: int = 2048):
-    """Prefix-sharing, flattening or dynamic-padding collator: what is asked for and supported, in that order."""
+def build_collator(tokenizer, model, padding_free: bool, prefix_sharing: bool = False, max_row_tokens: int = 2048,
+                   tree_attention: bool = False):
+    """Prefix-sharing, flattening or dynamic-padding collator: what is asked for and supported, in that order.
+
+    With prefix sharing and `tree_attention`, the model's attention becomes lyra.attention's gathered-path
+    attention (it falls back to sdpa on batches without tree metadata)."""
     if not isinstance(padding_free, bool):
         raise UserError("data.padding_free", f"must be true or false, got {padding_free!r}")
     if not isinstance(prefix_sharing, bool):
         raise UserError("data.prefix_sharing", f"must be true or false, got {prefix_sharing!r}")
+    if not isinstance(tree_attention, bool):
+        raise UserError("data.tree_attention", f"must be true or false, got {tree_attention!r}")
     pad_to_multiple_of = 8 if torch.cuda.is_available() else None
     if prefix_sharing:
         problem = prefix_sharing_problem(model)
         if problem is None:
-            return PrefixSharingCollator(tokenizer, max_row_tokens, pad_to_multiple_of)
+            if tree_attention:
+                use_tree_attention(model)
+            return PrefixSharingCollator(tokenizer, max_row_tokens, pad_to_multiple_of, tree_attention)
         log.warning("data.prefix_sharing=true is not available: %s; one row per example instead", problem)
     if padding_free:
         problem = padding_free_problem(model)
