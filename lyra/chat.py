@@ -140,9 +140,9 @@ def chat(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
 
     run: an already loaded `LoadedRun` to talk to instead of loading cfg.run_dir (tests, notebooks).
     """
-    from lyra.engines import check_engine, open_engine
+    from lyra.engines import check_engine, open_app_engine
     from lyra.gguf import check_gguf_type
-    from lyra.runs import load_run, run_dir_path
+    from lyra.runs import run_dir_path
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     if OmegaConf.is_missing(cfg, "run_dir"):
@@ -154,9 +154,8 @@ def chat(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
     check_gguf_type(cfg.gguf_type, key="gguf_type")
     if not (isinstance(cfg.max_prompt_tokens, int) and cfg.max_prompt_tokens >= 16):
         raise UserError("max_prompt_tokens", f"must be an integer >= 16, got {cfg.max_prompt_tokens}")
-    run = run or load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device, prepack=cfg.prepack)
-    engine = open_engine(run, cfg.engine, cfg.gguf_type, generation=generation, device=cfg.device,
-                         n_ctx=cfg.max_prompt_tokens + (generation.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS))
+    run, _, engine = open_app_engine(
+        cfg, n_ctx=cfg.max_prompt_tokens + (generation.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS), run=run)
     session = ChatSession(run, cfg, stdin, stdout, stderr, engine=engine)
     if cfg.prompt is not None:
         session.reply(str(cfg.prompt), label="")

@@ -487,6 +487,20 @@ def _parity_key(prompts, max_new_tokens: int, repetition_penalty: float, run) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def open_app_engine(cfg, n_ctx: int, run=None):
+    """(run, generation settings, engine) for an app's config (chat, web, serve): the run loaded as
+    the app serves it (cfg.run_dir, adapter, device, prepack; `run` if given), then the engine
+    `open_engine` chooses for cfg.engine and cfg.gguf_type with a context of n_ctx tokens."""
+    from omegaconf import OmegaConf
+
+    from lyra.runs import load_run
+
+    run = run or load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device, prepack=cfg.prepack)
+    generation = OmegaConf.to_container(cfg.generation, resolve=True)
+    engine = open_engine(run, cfg.engine, cfg.gguf_type, generation=generation, device=cfg.device, n_ctx=n_ctx)
+    return run, generation, engine
+
+
 def open_engine(run, choice: str, gguf_type: str = "f16", generation: Mapping[str, Any] | None = None,
                 n_ctx: int = 4096, device: str | None = None, parity_tokens: int = PARITY_TOKENS):
     """The engine an app serves with, chosen and checked; logs one line saying what was chosen and why.

@@ -751,8 +751,7 @@ async def stream_events(service: ChatService, job: Job, request) -> AsyncIterato
 
 def serve(cfg: DictConfig) -> None:
     """Check the config, load the run, serve until Ctrl-C."""
-    from lyra.engines import open_engine
-    from lyra.runs import load_run
+    from lyra.engines import open_app_engine
     from lyra.secrets import install_log_scrubber, register_secret
 
     settings = check_serve_config(cfg)
@@ -762,10 +761,7 @@ def serve(cfg: DictConfig) -> None:
         raise UserError(None, "the server needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
     register_secret(settings.api_key)
     install_log_scrubber()
-    run = load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device, prepack=cfg.prepack)
-    generation = OmegaConf.to_container(cfg.generation, resolve=True)
-    engine = open_engine(run, cfg.engine, cfg.gguf_type, generation=generation, device=cfg.device,
-                         n_ctx=settings.max_prompt_tokens + settings.max_tokens_limit)
+    run, generation, engine = open_app_engine(cfg, n_ctx=settings.max_prompt_tokens + settings.max_tokens_limit)
     service = ChatService(run, settings, generation, engine=engine)
     if engine is not service.base_engine and run.has_adapter:
         log.info("engine: %s on %s; %s runs on transformers (the adapter off: the GGUF holds only the persona)",

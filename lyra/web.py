@@ -410,19 +410,14 @@ def build_page(chat: WebChat, title: str, gr):
 
 def serve(cfg: DictConfig) -> None:
     """Load the run and serve its page until Ctrl-C."""
-    from lyra.engines import open_engine
-    from lyra.runs import load_run
-
+    from lyra.engines import open_app_engine
     from lyra.secrets import install_log_scrubber
 
     gr = require_gradio()
     auth = web_auth(cfg)  # first: an exposed page without a login never loads anything
     install_log_scrubber()  # the passwords web_auth registered are masked in every log record
     limits = check_web_config(cfg)
-    run = load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device, prepack=cfg.prepack)
-    generation = OmegaConf.to_container(cfg.generation, resolve=True)
-    engine = open_engine(run, cfg.engine, cfg.gguf_type, generation=generation, device=cfg.device,
-                         n_ctx=limits.max_prompt_tokens + limits.max_new_tokens_limit)
+    run, generation, engine = open_app_engine(cfg, n_ctx=limits.max_prompt_tokens + limits.max_new_tokens_limit)
     chat = WebChat(run, generation, limits, engine=engine)
     if engine is not chat.base_engine and run.has_adapter:
         log.info("engine: the persona on %s; the adapter-off comparison runs on transformers (the GGUF holds "

@@ -101,29 +101,15 @@ def weight_bytes(model) -> int:
 def load_variants(args):
     """{name: model}: the base in fp32/bf16, each with the adapter through PEFT and merged."""
     import torch
-    from omegaconf import OmegaConf
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     from lyra.modeling import build_model, build_tokenizer
-
     from lyra.paths import compose_config
 
     cfg = compose_config("train", ["model=smollm2_135m", "lora=attn", "lora.r=16"])
     tokenizer = build_tokenizer(cfg.model)
-    adapter_dir = None
-    if args.run_dir:
-        adapter_dir = Path(args.run_dir) / "adapter"
-    else:  # a random LoRA: B is zero at init, which would make merged == base; give it small weights
-        torch.manual_seed(0)
-        model = get_peft_model(build_model(cfg.model, None, torch.float32, "cpu"),
-                               LoraConfig(**OmegaConf.to_container(cfg.lora, resolve=True)))
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_B" in name:
-                    parameter.normal_(0, 0.02)
-        adapter_dir = Path(args.work_dir) / "random-adapter"
-        model.save_pretrained(adapter_dir)
-        del model
+    # a trained run's adapter, or the random LoRA written as a run dir (random_lora_run)
+    adapter_dir = Path(args.run_dir or random_lora_run(Path(args.work_dir))) / "adapter"
     variants = {}
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for mode in ("peft", "merged"):
@@ -139,8 +125,8 @@ def load_variants(args):
 # ---------------------------------------------------------------- --peer llamacpp
 
 def random_lora_run(work_dir: Path) -> Path:
-    """The random LoRA on SmolLM2 (as load_variants builds it) written as a lyra run dir: resolved config,
-    adapter and tokenizer, so lyra.export and lyra.runs treat it as a trained run."""
+    """A random LoRA on SmolLM2 (lora=attn r=16; small B weights, so merged != base) written as a lyra run
+    dir: resolved config, adapter and tokenizer, so lyra.export and lyra.runs treat it as a trained run."""
     import torch
     from omegaconf import OmegaConf
     from peft import LoraConfig, get_peft_model
