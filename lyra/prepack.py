@@ -1,18 +1,21 @@
-"""Faster CPU replies: linear weights prepacked once for oneDNN, so greedy decoding reads them at
-about twice the memory bandwidth of eager `F.linear`.
+"""Faster CPU replies on transformers: linear weights prepacked once for oneDNN, so greedy decoding
+reads them at about twice the memory bandwidth of eager `F.linear`.
 
     from lyra.prepack import prepack_linears
     report = prepack_linears(model)   # after any merge; chat, web, serve and evaluate do it (prepack=true)
-    print(report)                     # "prepacked 211 linear layers for oneDNN (+538 MB) ..."
+    print(report)                     # "prepacked 211 linear layers for oneDNN (+538 MB beside the weights; ...)"
 
 Decoding one token multiplies a single row by every weight matrix, so on CPU its speed is the speed
 at which those weights stream from memory. Eager `F.linear` runs that [1, in] x [out, in]^T product
 as a single-threaded MKL gemv that streams about 10 GB/s on this machine's 2 cores, a third of the
 read bandwidth (`scripts/bench_chat.py` prints both). oneDNN's inner product on a weight reordered
 once into its own blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's
-CPU freezing pass uses) streams about 20 GB/s: SmolLM2-135M fp32 decodes ~1.8x faster. Both sum
-each output in fp32, in a different order, so logits differ in the last bits; greedy replies are
-token-identical on the real SmolLM2 weights (tests/test_prepack.py), which is what a user sees.
+CPU freezing pass uses) streams about 20 GB/s with two threads, as MKL's gemv does not: SmolLM2-135M
+fp32 decodes 1.38x faster on 2 idle cores (14.9 -> 20.5 tok/s, `scripts/bench_chat.py --peer llamacpp`,
+docs/bench/chat_llamacpp.json; the rest of a token is ~900 small ops). With one thread it gains
+little: the gain is the second core reading weights. Both sum each output in fp32, in a different
+order, so logits differ in the last bits; greedy replies are token-identical on the real SmolLM2
+weights (tests/test_prepack.py), which is what a user sees.
 
 The cost is memory: the packed copy lives beside the original weight (+ the linear weights' size,
 logged), because the original stays the parameter that merges, adapter switches, saving and
