@@ -5,7 +5,7 @@
     python -m lyra.web run_dir=R engine=transformers     # the run's own model (PEFT or merged in memory)
 
     from lyra.engines import open_engine
-    engine = open_engine(run, "auto", gguf_type="f16", n_ctx=4096, repetition_penalty=1.1)
+    engine = open_engine(run, "auto", gguf_type="f16", generation={"repetition_penalty": 1.1}, n_ctx=4096)
     for delta in engine.stream(prompt_ids, do_sample=False, max_new_tokens=64):
         print(delta, end="")
     reply = engine.generate(prompt_ids, do_sample=False, max_new_tokens=64)   # a lyra.generation.Reply
