@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from lyra.errors import UserError
-from lyra.generation import (DEFAULT_MAX_NEW_TOKENS, Reply, ReplyStreamer, generate_replies, stop_token_ids,
-                             stream_worker, strip_think, uses_think_tags)
+from lyra.generation import (DEFAULT_MAX_NEW_TOKENS, Reply, ReplyStreamer, generate_replies, reply_from_tokens,
+                             stop_token_ids, stream_worker)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class TransformersEngine:
         self.description = "transformers (the run's model)"
 
     def streamer(self) -> ReplyStreamer:
-        return ReplyStreamer(self.run.tokenizer, think_tags=uses_think_tags(self.run.tokenizer))
+        return ReplyStreamer(self.run.tokenizer)
 
     def stream(self, prompt_ids: Sequence[int], guard: Callable[[], AbstractContextManager] = nullcontext,
                streamer: ReplyStreamer | None = None, penalties: tuple[float, float] = (0.0, 0.0),
@@ -411,17 +411,20 @@ class LlamaCppEngine:
         self.description = f"llamacpp ({self.gguf_file})"
 
     def streamer(self) -> ReplyStreamer:
-        return ReplyStreamer(self.run.tokenizer, think_tags=uses_think_tags(self.run.tokenizer))
+        return ReplyStreamer(self.run.tokenizer)
+
+    def _tokens(self, prompt_ids: Sequence[int], penalties, seed, generation) -> Iterator[int]:
+        """The reply's tokens as llama.cpp computes them and lyra's rules pick them (settings checked by the caller)."""
+        picker = TokenPicker(prompt_ids, self.stops, penalties=penalties, seed=seed, **generation)
+        max_new = int(generation.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        return self.runner.tokens(prompt_ids, picker, max_new, self.stops)
 
     def _produce(self, prompt_ids: Sequence[int], streamer: ReplyStreamer, penalties, seed, generation) -> None:
         """Feed the streamer as transformers' generate() does: the prompt once, then one token at a time."""
         import torch
 
-        check_llamacpp_generation(generation)
-        picker = TokenPicker(prompt_ids, self.stops, penalties=penalties, seed=seed, **generation)
-        max_new = int(generation.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
         streamer.streamer.put(torch.tensor(list(prompt_ids)))  # skipped as the prompt
-        for token in self.runner.tokens(prompt_ids, picker, max_new, self.stops):
+        for token in self._tokens(prompt_ids, penalties, seed, generation):
             streamer.streamer.put(torch.tensor([token]))  # raises GenerationCancelled once cancelled
         streamer.streamer.end()
 
@@ -442,13 +445,9 @@ class LlamaCppEngine:
                  seed: int | None = None, **generation) -> Reply:
         """One whole reply, shaped as lyra.generation.generate_replies shapes it."""
         check_llamacpp_generation(generation)
-        picker = TokenPicker(prompt_ids, self.stops, penalties=penalties, seed=seed, **generation)
-        max_new = int(generation.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-        tokens = list(self.runner.tokens(prompt_ids, picker, max_new, self.stops))
-        raw = self.run.tokenizer.decode(tokens, skip_special_tokens=True)
-        clean = strip_think if uses_think_tags(self.run.tokenizer) else str.strip
-        return Reply(text=clean(raw), raw=raw, token_ids=tokens, ended_by_eos=bool(tokens) and tokens[-1] in self.stops,
-                     prompt_tokens=len(prompt_ids))
+        tokens = list(self._tokens(prompt_ids, penalties, seed, generation))
+        return reply_from_tokens(tokens, self.run.tokenizer, ended_by_eos=bool(tokens) and tokens[-1] in self.stops,
+                                 prompt_tokens=len(prompt_ids))
 
     def close(self) -> None:
         self.runner.close()

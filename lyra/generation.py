@@ -102,6 +102,11 @@ def uses_think_tags(tokenizer) -> bool:
     return "<think>" in str(getattr(tokenizer, "chat_template", None) or "")
 
 
+def reply_cleaner(tokenizer) -> Callable[[str], str]:
+    """How a raw reply becomes the text shown: think blocks removed where the template has them, else stripped."""
+    return strip_think if uses_think_tags(tokenizer) else str.strip
+
+
 # ---------------------------------------------------------------- prompt
 
 def normalize_history(history: Sequence | None, think: bool = True) -> list[dict[str, str]]:
@@ -277,15 +282,19 @@ def generate_replies(prompts: Sequence[Sequence[int]], model, tokenizer, streame
     with torch.inference_mode():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                 streamer=streamer, logits_processor=LogitsProcessorList(logits_processor or []))
-    clean = strip_think if uses_think_tags(tokenizer) else str.strip
     replies = []
     for prompt, row in zip(prompts, output[:, width:].tolist()):
         end = next((i for i, token in enumerate(row) if token in stops), None)
         kept = row if end is None else row[: end + 1]
-        raw = tokenizer.decode(kept, skip_special_tokens=True)
-        replies.append(Reply(text=clean(raw), raw=raw, token_ids=kept, ended_by_eos=end is not None,
-                             prompt_tokens=len(prompt)))
+        replies.append(reply_from_tokens(kept, tokenizer, ended_by_eos=end is not None, prompt_tokens=len(prompt)))
     return replies
+
+
+def reply_from_tokens(token_ids: list[int], tokenizer, ended_by_eos: bool, prompt_tokens: int) -> Reply:
+    """A Reply from a reply's token ids (up to and including its stop token): every engine shapes replies here."""
+    raw = tokenizer.decode(token_ids, skip_special_tokens=True)
+    return Reply(text=reply_cleaner(tokenizer)(raw), raw=raw, token_ids=token_ids, ended_by_eos=ended_by_eos,
+                 prompt_tokens=prompt_tokens)
 
 
 def _fitted_ids(prompt_text, model, tokenizer, history, system_prompt, max_prompt_tokens, generation) -> list[int]:
@@ -338,8 +347,12 @@ class ReplyStreamer:
     a running generation early, which frees the model as soon as a reply is abandoned.
     """
 
-    def __init__(self, tokenizer, think_tags: bool = True):
+    def __init__(self, tokenizer, think_tags: bool | None = None):
+        """think_tags: None = whether the tokenizer's template has them (uses_think_tags)."""
         from transformers import TextStreamer
+
+        if think_tags is None:
+            think_tags = uses_think_tags(tokenizer)
 
         self.queue: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
@@ -410,7 +423,7 @@ def stream_reply(prompt_ids: Sequence[int], model, tokenizer, guard: Callable[[]
     streamer: pass your own ReplyStreamer to read its `generated` ids or `cancel()` it from another
     thread (lyra.serve: a client that hung up while this generator waits for a token).
     """
-    streamer = streamer or ReplyStreamer(tokenizer, think_tags=uses_think_tags(tokenizer))
+    streamer = streamer or ReplyStreamer(tokenizer)
 
     def produce(streamer: ReplyStreamer) -> None:
         with guard():

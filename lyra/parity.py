@@ -175,13 +175,6 @@ def parity_check(run_dir: Path, targets: Sequence[str], probes: Sequence, person
     return _report(results, probes, persona, generation, prompts, gguf_type)
 
 
-def _clean(tokenizer):
-    """The clean-reply rule of lyra.generation.generate_replies (think blocks off where the template has them)."""
-    from lyra.generation import strip_think, uses_think_tags
-
-    return strip_think if uses_think_tags(tokenizer) else str.strip
-
-
 def _run_hf(result: TargetRun, run, prompts, generation) -> None:
     from lyra.generation import generate_in_batches
 
@@ -216,6 +209,8 @@ def _run_gguf(result: TargetRun, run, adapter: str, adapter_path: Path, probes, 
               gguf_type: str, cache: bool) -> None:
     import torch
 
+    from lyra.generation import reply_cleaner
+
     with ExitStack() as stack:
         if cache:
             output_dir = gguf_cache_dir(run.run_dir, adapter_path, gguf_type)
@@ -233,7 +228,7 @@ def _run_gguf(result: TargetRun, run, adapter: str, adapter_path: Path, probes, 
                 result.notes.append(f"llama.cpp does not end a generation at {missing}: llama-server and Ollama "
                                     "would run past lyra's turn end")
             penalty = float(generation.get("repetition_penalty") or 1.0)
-            clean = _clean(run.tokenizer)
+            clean = reply_cleaner(run.tokenizer)
             replies, equal = [], []
             for probe, lyra_ids in zip(probes, prompts):
                 ids = llm.prompt_ids([{"role": "user", "content": probe.prompt}])

@@ -44,16 +44,20 @@ def allowed_cores() -> int:
         return os.cpu_count() or 1
 
 
+def on_allowed_cores(per_core: list):
+    """The entries of a per-core list (psutil's percpu figures) for the cores of this process's affinity mask."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return [per_core[c] for c in cores if c < len(per_core)] if cores else per_core
+
+
 def free_cores(sample_seconds: float = SAMPLE_SECONDS) -> tuple[int, str]:
     """(cores of the affinity mask that are idle now, how that was seen)."""
     allowed = allowed_cores()
     try:
         import psutil
 
-        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        busy = psutil.cpu_percent(interval=sample_seconds, percpu=True)
-        mine = [busy[c] for c in cores if c < len(busy)] if cores else busy
-        idle = sum(1 for share in mine if share < BUSY_SHARE * 100)
+        busy = on_allowed_cores(psutil.cpu_percent(interval=sample_seconds, percpu=True))
+        idle = sum(1 for share in busy if share < BUSY_SHARE * 100)
         return max(1, idle), f"{idle} of {allowed} allowed cores idle over {sample_seconds:g} s"
     except Exception as error:  # psutil missing or no per-core counters: fall back to the load average
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
@@ -85,14 +89,12 @@ class NeighbourMeter:
 
         self._psutil = psutil
         self._process = psutil.Process()
-        self._cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         self._last = self._snapshot()
 
     def _snapshot(self) -> tuple[float, float, float]:
         import time
 
-        per_core = self._psutil.cpu_times(percpu=True)
-        mine = [per_core[c] for c in self._cores if c < len(per_core)] if self._cores else per_core
+        mine = on_allowed_cores(self._psutil.cpu_times(percpu=True))
         busy = sum(t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
                    + getattr(t, "steal", 0.0) for t in mine)
         own = self._process.cpu_times()
