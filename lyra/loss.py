@@ -26,9 +26,10 @@ from torch import nn
 
 from lyra.data.tokenization import IGNORE_INDEX
 
-# Logits alive at once in the fused head + loss: 64 MiB is ~110 Qwen3 tokens of fp32 logits. Larger
-# chunks barely speed up the matmuls and cost memory one for one.
-CE_CHUNK_BYTES = 64 * 2**20
+# Logits alive at once in the fused head + loss: 256 MiB is ~440 Qwen3 tokens of fp32 logits. Bigger
+# chunks run the head's matmuls faster (this 2-core CPU, fwd + bwd per supervised token at Qwen3's
+# vocab and hidden 512: 2.8 ms at 110 rows, 2.1 at 216, 1.9 at 432) and cost memory one for one.
+CE_CHUNK_BYTES = 256 * 2**20
 
 
 def token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -71,6 +72,13 @@ def supervised_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     return loss / num_items_in_batch
 
 
+def even_chunks(total: int, most: int) -> list[tuple[int, int]]:
+    """(start, stop) of the fewest chunks of at most `most` rows covering `total`, all within one row of
+    each other: a short last chunk would re-read the whole head for a handful of rows."""
+    count = -(-total // most) if total else 0
+    return [(total * i // count, total * (i + 1) // count) for i in range(count)]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed CE of `linear(hidden, weight, bias)` rows against `targets`, chunk by chunk.
 
@@ -89,19 +97,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads and weight.requires_grad else None
         grad_bias = (torch.zeros_like(bias, dtype=torch.float32)
                      if grads and bias is not None and bias.requires_grad else None)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = hidden[start:start + chunk_rows]
-            target = targets[start:start + chunk_rows]
+        for start, stop in even_chunks(hidden.shape[0], chunk_rows):
+            rows = hidden[start:stop]
+            target = targets[start:stop, None]
             logits = nn.functional.linear(rows, weight, bias).to(ce_dtype)
-            log_norm = torch.logsumexp(logits, dim=-1)
-            total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            # log-sum-exp in place, with no [rows, vocab] temporaries: max, exp(logits - max), its sum
+            top = logits.amax(dim=-1, keepdim=True)
+            picked = logits.gather(1, target)
+            norm = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            total += (top + norm.log() - picked).sum()
             if not grads:
                 continue
-            logits.sub_(log_norm[:, None]).exp_()  # softmax in place: d(sum CE)/d(logits) is softmax - one-hot
-            logits[torch.arange(target.shape[0], device=target.device), target] -= 1
+            logits.div_(norm)  # softmax: d(sum CE)/d(logits) is softmax - one-hot
+            logits.scatter_add_(1, target, torch.full_like(picked, -1.0))
             grad_logits = logits.to(rows.dtype if rows.dtype == weight.dtype else torch.float32)
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk_rows] = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)
+                grad_hidden[start:stop] = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad_logits.float().T @ rows.float()
             if grad_bias is not None:

@@ -347,6 +347,16 @@ def test_fused_chunked_cross_entropy_matches_full_logits(dtype):
         assert linear_cross_entropy(hidden, head, targets).item() / 7 == pytest.approx(standard.item(), rel=1e-2)
 
 
+def test_cross_entropy_chunks_are_even():
+    """No short last chunk: one that re-reads the whole head for a handful of rows costs as much as a full one."""
+    from lyra.loss import even_chunks
+
+    assert even_chunks(220, 216) == [(0, 110), (110, 220)]
+    assert even_chunks(216, 216) == [(0, 216)]
+    assert even_chunks(7, 3) == [(0, 2), (2, 4), (4, 7)]
+    assert even_chunks(0, 3) == []
+
+
 def test_padding_free_flattens_with_flash_attention(setup, monkeypatch):
     cfg, tokenizer, splits, model = setup
     monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2", raising=False)
