@@ -229,6 +229,8 @@ def validate(cfg: DictConfig) -> None:
              f"must be true or false, got {cfg.model.trust_remote_code!r}")
     _require(isinstance(cfg.model.get("lean_activations", True), bool), "model.lean_activations",
              f"must be true or false, got {cfg.model.get('lean_activations')!r}")
+    _require(isinstance(cfg.model.get("onednn_linears", True), bool), "model.onednn_linears",
+             f"must be true or false, got {cfg.model.get('onednn_linears')!r}")
     lora, trainer, data = cfg.lora, cfg.trainer, cfg.data
     _require(isinstance(lora.r, int) and lora.r > 0, "lora.r", f"must be an integer > 0, got {lora.r}")
     _require(_is_number(lora.lora_alpha) and lora.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {lora.lora_alpha}")

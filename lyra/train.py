@@ -30,6 +30,7 @@ from lyra.data import build_datasets
 from lyra.distributed import process_group_teardown, rank_aware_argv
 from lyra.errors import UserError, exit_on_user_error
 from lyra.lean import lean_activations
+from lyra.prepack import onednn_frozen_linears
 from lyra.modeling import (apply_lora, build_model, build_quantization, build_tokenizer, count_parameters,
                            resolve_dtype)
 from lyra.secrets import protect_run, scrub, scrub_config
@@ -131,6 +132,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                            init_adapter=init_adapter)
         if cfg.model.get("lean_activations", True):  # same outputs, less kept for the backward (lyra.lean)
             log.info("lean activations: %s", lean_activations(model))
+        if cfg.model.get("onednn_linears", True):  # CPU: the frozen base's products on oneDNN (lyra.prepack)
+            log.info("%s", onednn_frozen_linears(model))
         trainable_params, total_params = count_parameters(model)
         log.info("LoRA: %s trainable of %s params", f"{trainable_params:,}", f"{total_params:,}")
 

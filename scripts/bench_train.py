@@ -65,7 +65,7 @@ VARIANTS = ("baseline", "hf", "trl", "llamafactory", "unsloth", "lyra")
 # (flattened rows, sdpa block mask, instead of prefix sharing), data.prefix_sharing=false (one row per
 # example), model.lean_activations=false (the stock norm and MLP modules), data.tree_attention=false
 # (prefix sharing under the dense [L, L] tree mask instead of gathered-path attention).
-OPTIONAL = ("lyra_padding_free", "lyra_unshared", "lyra_stock_modules", "lyra_dense_mask")
+OPTIONAL = ("lyra_padding_free", "lyra_unshared", "lyra_stock_modules", "lyra_dense_mask", "lyra_eager_linears")
 GPU_ONLY = {"unsloth"}
 
 # Random Qwen3s built locally (weights a pure function of the seed), so no download is ever needed.
@@ -403,6 +403,10 @@ def in_process_trainer(args, cfg, run_dir):
 
         if cfg.model.get("lean_activations", True) and args.variant != "lyra_stock_modules":
             lean_activations(model)  # as lyra.train does after apply_lora
+        if cfg.model.get("onednn_linears", True) and args.variant != "lyra_eager_linears":
+            from lyra.prepack import onednn_frozen_linears
+
+            print(onednn_frozen_linears(model), file=sys.stderr)  # as lyra.train does after lean_activations
         padding_free = True if args.variant == "lyra_padding_free" else cfg.data.padding_free
         prefix_sharing = cfg.data.prefix_sharing and args.variant not in ("lyra_padding_free", "lyra_unshared")
         trainer = build_trainer(model, training_args, tokenizer, dataset, None, padding_free,

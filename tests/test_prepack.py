@@ -70,6 +70,53 @@ def test_autograd_runs_the_original_weight_and_unpack_restores_the_class_forward
     assert all("forward" not in module.__dict__ and not hasattr(module, "_lyra_packs") for module in model)
 
 
+def _tiny_lora_qwen3():
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = get_peft_model(Qwen3ForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                   lora_dropout=0.0))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give A's gradient something to be
+            torch.nn.init.normal_(parameter, std=0.1)
+    return model.train()
+
+
+def _loss_and_lora_grads(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_frozen_linears_train_on_onednn_with_eager_losses_and_gradients():
+    """model.onednn_linears: every frozen nn.Linear (LoRA's base layers, the MLP, the head) runs oneDNN,
+    forward and input gradient; LoRA's own layers and a layer unfrozen later stay on F.linear."""
+    from lyra.prepack import onednn_frozen_linears
+
+    model = _tiny_lora_qwen3()
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    eager_loss, eager_grads = _loss_and_lora_grads(model, ids)
+    frozen = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    assert onednn_frozen_linears(model).startswith(f"{len(frozen)} frozen linear layers run on oneDNN")
+    assert len(frozen) == 2 * 7 + 1  # q k v o gate up down per layer, and the head
+    assert not any("forward" in m.__dict__ for m in model.modules() if type(m) is torch.nn.Linear and m.weight.requires_grad)
+    x = torch.randn(3, 64, requires_grad=True)
+    assert "OneDNNFrozenLinear" in type(frozen[0](x).grad_fn).__name__  # the test below compares two paths
+    loss, grads = _loss_and_lora_grads(model, ids)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == eager_grads.keys() and len(grads) == 2 * 2 * 2
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    frozen[0].weight.requires_grad_(True)  # unfrozen after the switch: eager F.linear, weight gradient too
+    frozen[0](x).sum().backward()
+    assert frozen[0].weight.grad is not None
+
+
 def test_bitsandbytes_layers_are_never_packed(smoke_run):
     pytest.importorskip("bitsandbytes")
     from lyra.runs import load_run

@@ -52,6 +52,7 @@ def smoke_config():
     ("overwrite", "maybe", "overwrite: must be true or false, got 'maybe'"),
     ("model.trust_remote_code", "yes", "model.trust_remote_code: must be true or false, got 'yes'"),
     ("model.lean_activations", "on", "model.lean_activations: must be true or false, got 'on'"),
+    ("model.onednn_linears", "yes", "model.onednn_linears: must be true or false, got 'yes'"),
 ])
 def test_out_of_range_values_name_the_key_and_range(smoke_config, key, value, line):
     config = smoke_config.copy()
