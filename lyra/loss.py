@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lyra.data.tokenization import IGNORE_INDEX
+from lyra.prepack import onednn_linear, uses_onednn
 
 # Logits alive at once in the fused head + loss: 256 MiB is ~440 Qwen3 tokens of fp32 logits. Bigger
 # chunks run the head's matmuls faster (this 2-core CPU, fwd + bwd per supervised token at Qwen3's
@@ -88,7 +89,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int, with_grads: bool):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int, with_grads: bool, linear):
         ce_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least, as ForCausalLMLoss
         total = torch.zeros((), dtype=ce_dtype, device=hidden.device)
         grads = with_grads and (hidden.requires_grad or weight.requires_grad
@@ -100,7 +101,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start, stop in even_chunks(hidden.shape[0], chunk_rows):
             rows = hidden[start:stop]
             target = targets[start:stop, None]
-            logits = nn.functional.linear(rows, weight, bias).to(ce_dtype)
+            logits = linear(rows, weight, bias).to(ce_dtype)
             # log-sum-exp in place, with no [rows, vocab] temporaries: max, exp(logits - max), its sum
             top = logits.amax(dim=-1, keepdim=True)
             picked = logits.gather(1, target)
@@ -112,7 +113,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits.scatter_add_(1, target, torch.full_like(picked, -1.0))
             grad_logits = logits.to(rows.dtype if rows.dtype == weight.dtype else torch.float32)
             if grad_hidden is not None:
-                grad_hidden[start:stop] = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)
+                grad_hidden[start:stop] = linear(grad_logits, weight.to(grad_logits.dtype).t()).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad_logits.float().T @ rows.float()
             if grad_bias is not None:
@@ -127,14 +128,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         out = []
         for grad, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes):
             out.append((grad * grad_total.to(grad.dtype)).to(dtype) if present else None)
-        return (*out, None, None, None)
+        return (*out, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
                          chunk_bytes: int = CE_CHUNK_BYTES) -> torch.Tensor:
     """sum over rows of CE(head(hidden), targets) in fp32, never holding more than `chunk_bytes` of logits."""
     chunk_rows = max(1, chunk_bytes // (4 * head.out_features))
-    return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_rows, torch.is_grad_enabled())
+    frozen_fp32 = (head.weight.dtype == hidden.dtype == torch.float32 and not head.weight.requires_grad
+                   and (head.bias is None or not head.bias.requires_grad))
+    # a head model.onednn_linears switched (lyra.prepack): its products on oneDNN here too, ~1.4x MKL's
+    # forward at [216, 512] x [512, 151936] on this CPU
+    linear = onednn_linear if frozen_fp32 and uses_onednn(head) else nn.functional.linear
+    return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_rows, torch.is_grad_enabled(),
+                                     linear)
 
 
 def fusable_head(model, head: nn.Module) -> bool:

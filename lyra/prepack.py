@@ -136,16 +136,29 @@ def _frozen_linear_function():
         @staticmethod
         def forward(ctx, x, weight, bias):
             ctx.save_for_backward(weight)  # the parameter itself: nothing new is kept
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+            return onednn_linear(x, weight, bias)
 
         @staticmethod
         def backward(ctx, grad_out):
             if not ctx.needs_input_grad[0]:
                 return None, None, None
             (weight,) = ctx.saved_tensors  # g W as a linear with weight W^T: oneDNN reads the view as is
-            return torch.ops.mkldnn._linear_pointwise(grad_out.contiguous(), weight.t(), None, "none", [], ""), None, None
+            return onednn_linear(grad_out.contiguous(), weight.t()), None, None
 
     return OneDNNFrozenLinear
+
+
+def onednn_linear(x, weight, bias=None):
+    """`F.linear(x, weight, bias)` through oneDNN, without autograd: for fp32 CPU tensors, and weights
+    that take no gradient. lyra.loss runs a switched head's products with it (`uses_onednn`)."""
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def uses_onednn(module) -> bool:
+    """Whether `onednn_frozen_linears` switched this layer (it still falls back per call, see below)."""
+    return getattr(module.__dict__.get("forward"), "__func__", None) is _frozen_onednn_forward
 
 
 def _frozen_onednn_forward(self, x):
@@ -177,7 +190,7 @@ def onednn_frozen_linears(model) -> str:
     probe = torch.randn(3, first.in_features, generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
-            got = torch.ops.mkldnn._linear_pointwise(probe, first.weight, first.bias, "none", [], "")
+            got = onednn_linear(probe, first.weight, first.bias)
             want = torch.nn.functional.linear(probe, first.weight, first.bias)
     except RuntimeError as error:
         return f"frozen linears stay on F.linear: oneDNN cannot run them here ({str(error).splitlines()[0]})"

@@ -117,6 +117,32 @@ def test_frozen_linears_train_on_onednn_with_eager_losses_and_gradients():
     assert frozen[0].weight.grad is not None
 
 
+def test_a_switched_head_runs_the_fused_loss_on_onednn_with_the_same_loss_and_gradient(monkeypatch):
+    from lyra import loss as loss_module
+    from lyra.loss import linear_cross_entropy
+    from lyra.prepack import onednn_frozen_linears, uses_onednn
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 300, bias=False).requires_grad_(False)
+    hidden = torch.randn(9, 32, requires_grad=True)
+    targets = torch.randint(0, 300, (9,))
+
+    def loss_and_grad():
+        loss = linear_cross_entropy(hidden, head, targets, chunk_bytes=4 * 300 * 4)  # 3 chunks of 3 rows
+        (grad,) = torch.autograd.grad(loss, hidden)
+        return loss.detach(), grad
+
+    eager = loss_and_grad()
+    assert onednn_frozen_linears(torch.nn.Sequential(head)).startswith("1 frozen linear") and uses_onednn(head)
+    calls = []
+    monkeypatch.setattr(loss_module, "onednn_linear", lambda *args: calls.append(1) or torch.ops.mkldnn._linear_pointwise(
+        *args, *([None] * (3 - len(args))), "none", [], ""))
+    switched = loss_and_grad()
+    assert len(calls) == 3 * 2  # the forward and input-gradient product of each chunk
+    torch.testing.assert_close(switched[0], eager[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(switched[1], eager[1], rtol=1e-4, atol=1e-6)
+
+
 def test_bitsandbytes_layers_are_never_packed(smoke_run):
     pytest.importorskip("bitsandbytes")
     from lyra.runs import load_run
