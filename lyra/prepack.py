@@ -1,9 +1,11 @@
-"""Faster CPU replies on transformers: linear weights prepacked once for oneDNN, so greedy decoding
-reads them at about twice the memory bandwidth of eager `F.linear`.
+"""oneDNN for linear layers on CPU: faster replies on transformers from weights prepacked once (greedy
+decoding reads them at about twice the memory bandwidth of eager `F.linear`), and faster LoRA training
+steps from the frozen base's products (`onednn_frozen_linears`, last section).
 
     from lyra.prepack import prepack_linears
     report = prepack_linears(model)   # after any merge; chat, web, serve and evaluate do it (prepack=true)
     print(report)                     # "prepacked 211 linear layers for oneDNN (+538 MB beside the weights; ...)"
+    onednn_frozen_linears(model)      # after apply_lora; lyra.train does it (model.onednn_linears=true)
 
 Decoding one token multiplies a single row by every weight matrix, so on CPU its speed is the speed
 at which those weights stream from memory. Eager `F.linear` runs that [1, in] x [out, in]^T product

@@ -64,7 +64,8 @@ VARIANTS = ("baseline", "hf", "trl", "llamafactory", "unsloth", "lyra")
 # Run only when named in --variants, each lyra with one default changed: data.padding_free=true
 # (flattened rows, sdpa block mask, instead of prefix sharing), data.prefix_sharing=false (one row per
 # example), model.lean_activations=false (the stock norm and MLP modules), data.tree_attention=false
-# (prefix sharing under the dense [L, L] tree mask instead of gathered-path attention).
+# (prefix sharing under the dense [L, L] tree mask instead of gathered-path attention),
+# model.onednn_linears=false (the frozen base's products on F.linear / MKL instead of oneDNN).
 OPTIONAL = ("lyra_padding_free", "lyra_unshared", "lyra_stock_modules", "lyra_dense_mask", "lyra_eager_linears")
 GPU_ONLY = {"unsloth"}
 
