@@ -30,9 +30,9 @@ from lyra.data import build_datasets
 from lyra.distributed import process_group_teardown, rank_aware_argv
 from lyra.errors import UserError, exit_on_user_error
 from lyra.lean import lean_activations
-from lyra.prepack import onednn_frozen_linears
 from lyra.modeling import (apply_lora, build_model, build_quantization, build_tokenizer, count_parameters,
                            resolve_dtype)
+from lyra.prepack import onednn_frozen_linears
 from lyra.secrets import protect_run, scrub, scrub_config
 from lyra.sweep import run_job
 from lyra.threads import free_cores_callback, use_free_cores
