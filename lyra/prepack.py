@@ -35,8 +35,8 @@ step's sizes (hundreds of rows) MKL's sgemm reaches ~200 GFLOP/s on this machine
 oneDNN ~220 (fwd and input grad, [510, 576] x [576, 1536] and the like); products are most of a
 CPU step. Same fp32 math, another summation order: the loss agrees to ~1e-6 relative
 (tests/test_prepack.py). The fused loss (lyra.loss) runs a switched head's products with
-`onednn_linear` as well: the head's forward at [216, 512] x [512, 151936] takes 233 ms instead of
-357. LoRA's own A and B, anything trainable, 4-bit layers and non-fp32 layers keep eager `F.linear`.
+`onednn_linear` as well: the head's forward at [216, 512] x [512, 151936] takes ~207 ms instead of
+~275, its input gradient ~165 instead of ~194 (best of 5, idle). LoRA's own A and B, anything trainable, 4-bit layers and non-fp32 layers keep eager `F.linear`.
 """
 
 from __future__ import annotations
