@@ -140,8 +140,7 @@ def chat(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
 
     run: an already loaded `LoadedRun` to talk to instead of loading cfg.run_dir (tests, notebooks).
     """
-    from lyra.engines import check_engine, open_app_engine
-    from lyra.gguf import check_gguf_type
+    from lyra.engines import check_engine_keys, open_app_engine
     from lyra.runs import run_dir_path
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
@@ -150,8 +149,7 @@ def chat(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
     run_dir_path(cfg.run_dir)  # before anything slow: a wrong path is the most common mistake
     generation = OmegaConf.to_container(cfg.generation, resolve=True)
     check_generation(generation)
-    check_engine(cfg.engine)
-    check_gguf_type(cfg.gguf_type, key="gguf_type")
+    check_engine_keys(cfg)
     if not (isinstance(cfg.max_prompt_tokens, int) and cfg.max_prompt_tokens >= 16):
         raise UserError("max_prompt_tokens", f"must be an integer >= 16, got {cfg.max_prompt_tokens}")
     run, _, engine = open_app_engine(

@@ -42,13 +42,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from lyra.errors import UserError
 from lyra.generation import (DEFAULT_MAX_NEW_TOKENS, Reply, ReplyStreamer, generate_replies, reply_from_tokens,
-                             stop_token_ids, stream_worker)
+                             stop_token_ids, stream_reply, stream_worker)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,14 @@ def check_engine(value: Any) -> str:
     if value not in ENGINES:
         raise UserError("engine", f"must be one of {', '.join(ENGINES)}, got {value!r}")
     return str(value)
+
+
+def check_engine_keys(cfg) -> None:
+    """An app's engine= and gguf_type= (chat, web, serve), one line naming the bad key, before anything loads."""
+    from lyra.gguf import check_gguf_type
+
+    check_engine(cfg.engine)
+    check_gguf_type(cfg.gguf_type, key="gguf_type")
 
 
 def llama_cpp_installed() -> bool:
@@ -139,22 +147,21 @@ class TransformersEngine:
     def stream(self, prompt_ids: Sequence[int], guard: Callable[[], AbstractContextManager] = nullcontext,
                streamer: ReplyStreamer | None = None, penalties: tuple[float, float] = (0.0, 0.0),
                seed: int | None = None, **generation) -> Iterator[str]:
-        """Clean text deltas (lyra.generation.stream_reply); generation runs inside `guard()`."""
-        streamer = streamer or self.streamer()
+        """Clean text deltas (lyra.generation.stream_reply); generation runs inside `guard()`, seeded there."""
         if any(penalties):
             generation["logits_processor"] = [openai_penalties(*penalties, prompt_length=len(prompt_ids))]
-        run = self.run
 
-        def produce(streamer: ReplyStreamer) -> None:
-            with guard():
+        @contextmanager
+        def guarded_and_seeded() -> Iterator[None]:
+            with guard():  # the seed is set under the caller's lock, right before this reply's generation
                 if seed is not None:
                     from transformers import set_seed
 
                     set_seed(seed)
-                if not streamer.cancelled.is_set():
-                    generate_replies([prompt_ids], run.model, run.tokenizer, streamer=streamer.streamer, **generation)
+                yield
 
-        return stream_worker(produce, streamer)
+        return stream_reply(prompt_ids, self.run.model, self.run.tokenizer, guard=guarded_and_seeded,
+                            streamer=streamer or self.streamer(), **generation)
 
     def generate(self, prompt_ids: Sequence[int], **generation) -> Reply:
         return generate_replies([prompt_ids], self.run.model, self.run.tokenizer, **generation)[0]
@@ -513,7 +520,7 @@ def open_engine(run, choice: str, gguf_type: str = "f16", generation: Mapping[st
     from lyra.runs import adapter_dir
 
     generation = dict(generation or {})
-    check_gguf_type(gguf_type, key="gguf_type")
+    check_gguf_type(gguf_type, key="gguf_type")  # callers from Python skip the apps' check_engine_keys
     model_device = str(next(run.model.parameters()).device)
     name = resolve_engine(choice, model_device)
     transformers = TransformersEngine(run)

@@ -83,9 +83,8 @@ def resolve_api_key(cfg: DictConfig) -> str | None:
 
 def check_serve_config(cfg: DictConfig) -> ServeSettings:
     """One line naming the bad key, before the model is loaded (the key rule included)."""
-    from lyra.engines import check_engine
+    from lyra.engines import check_engine_keys
     from lyra.generation import check_generation
-    from lyra.gguf import check_gguf_type
     from lyra.secrets import MIN_SECRET_LENGTH
 
     if OmegaConf.is_missing(cfg, "run_dir"):
@@ -112,8 +111,7 @@ def check_serve_config(cfg: DictConfig) -> ServeSettings:
                                 f"export {API_KEY_ENV}=<a long random key> (or api_key=...), or bind host=127.0.0.1")
     generation = OmegaConf.to_container(cfg.generation, resolve=True)
     check_generation(generation)
-    check_engine(cfg.engine)
-    check_gguf_type(cfg.gguf_type, key="gguf_type")
+    check_engine_keys(cfg)
     default_new = generation.get("max_new_tokens")
     if default_new is not None and default_new > settings.max_tokens_limit:
         raise UserError("generation.max_new_tokens", f"{default_new} is above max_tokens_limit "

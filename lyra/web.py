@@ -143,9 +143,8 @@ class Limits:
 
 def check_web_config(cfg: DictConfig) -> Limits:
     """One line naming the bad key, before the model is loaded."""
-    from lyra.engines import check_engine
+    from lyra.engines import check_engine_keys
     from lyra.generation import check_generation
-    from lyra.gguf import check_gguf_type
 
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise UserError("run_dir", "is required: python -m lyra.web run_dir=<training output dir>")
@@ -157,8 +156,7 @@ def check_web_config(cfg: DictConfig) -> Limits:
             raise UserError(key, f"must be an integer >= {low}, got {value}")
     generation = OmegaConf.to_container(cfg.generation, resolve=True)
     check_generation(generation)
-    check_engine(cfg.engine)
-    check_gguf_type(cfg.gguf_type, key="gguf_type")
+    check_engine_keys(cfg)
     default_new = generation.get("max_new_tokens")
     if default_new is not None and default_new > limits.max_new_tokens_limit:
         raise UserError("generation.max_new_tokens", f"{default_new} is above max_new_tokens_limit "
