@@ -59,7 +59,7 @@ REFERENCE = "hf"
 # What the gguf and server targets can reproduce of a greedy generation group; the rest are ignored by greedy.
 _PORTABLE = ("do_sample", "temperature", "max_new_tokens", "repetition_penalty")
 _IGNORED_BY_GREEDY = ("top_p", "top_k", "min_p", "typical_p")
-_EXPORT_LOG_LINES = 3  # lines of a failed server's output quoted in the report
+_SERVER_LOG_LINES = 3  # lines of a failed server's output quoted in the report
 
 
 @dataclass
@@ -310,7 +310,7 @@ def _wait_for_models(client, process, output, timeout_s: float) -> str:
     while time.monotonic() < deadline:
         if process.poll() is not None:
             output.seek(0)
-            tail = [line for line in output.read().splitlines() if line.strip()][-_EXPORT_LOG_LINES:]
+            tail = [line for line in output.read().splitlines() if line.strip()][-_SERVER_LOG_LINES:]
             raise UserError("targets", f"server: lyra.serve exited with code {process.returncode}: " + " | ".join(tail))
         try:
             ids = [model.id for model in client.models.list().data]
