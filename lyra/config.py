@@ -231,6 +231,8 @@ def validate(cfg: DictConfig) -> None:
              f"must be true or false, got {cfg.model.get('lean_activations')!r}")
     _require(isinstance(cfg.model.get("onednn_linears", True), bool), "model.onednn_linears",
              f"must be true or false, got {cfg.model.get('onednn_linears')!r}")
+    _require(isinstance(cfg.model.get("fused_lora", True), bool), "model.fused_lora",
+             f"must be true or false, got {cfg.model.get('fused_lora')!r}")
     lora, trainer, data = cfg.lora, cfg.trainer, cfg.data
     _require(isinstance(lora.r, int) and lora.r > 0, "lora.r", f"must be an integer > 0, got {lora.r}")
     _require(_is_number(lora.lora_alpha) and lora.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {lora.lora_alpha}")

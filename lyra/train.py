@@ -29,6 +29,7 @@ from lyra.config import init_adapter_path, validate, validate_max_length
 from lyra.data import build_datasets
 from lyra.distributed import process_group_teardown, rank_aware_argv
 from lyra.errors import UserError, exit_on_user_error
+from lyra.fused_lora import fuse_lora_layers
 from lyra.lean import lean_activations
 from lyra.modeling import (apply_lora, build_model, build_quantization, build_tokenizer, count_parameters,
                            resolve_dtype)
@@ -134,6 +135,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info("lean activations: %s", lean_activations(model))
         if cfg.model.get("onednn_linears", True):  # CPU: the frozen base's products on oneDNN (lyra.prepack)
             log.info("%s", onednn_frozen_linears(model))
+        if cfg.model.get("fused_lora", True):  # CPU: each LoRA layer one autograd node, a cheap dropout mask (lyra.fused_lora)
+            log.info("%s", fuse_lora_layers(model))
         trainable_params, total_params = count_parameters(model)
         log.info("LoRA: %s trainable of %s params", f"{trainable_params:,}", f"{total_params:,}")
 

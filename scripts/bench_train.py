@@ -65,8 +65,10 @@ VARIANTS = ("baseline", "hf", "trl", "llamafactory", "unsloth", "lyra")
 # (flattened rows, sdpa block mask, instead of prefix sharing), data.prefix_sharing=false (one row per
 # example), model.lean_activations=false (the stock norm and MLP modules), data.tree_attention=false
 # (prefix sharing under the dense [L, L] tree mask instead of gathered-path attention),
-# model.onednn_linears=false (the frozen base's products on F.linear / MKL instead of oneDNN).
-OPTIONAL = ("lyra_padding_free", "lyra_unshared", "lyra_stock_modules", "lyra_dense_mask", "lyra_eager_linears")
+# model.onednn_linears=false (the frozen base's products on F.linear / MKL instead of oneDNN),
+# model.fused_lora=false (PEFT's own LoRA forward: six autograd nodes and torch's bernoulli_ dropout).
+OPTIONAL = ("lyra_padding_free", "lyra_unshared", "lyra_stock_modules", "lyra_dense_mask", "lyra_eager_linears",
+            "lyra_peft_lora")
 GPU_ONLY = {"unsloth"}
 
 # Random Qwen3s built locally (weights a pure function of the seed), so no download is ever needed.
@@ -408,6 +410,10 @@ def in_process_trainer(args, cfg, run_dir):
             from lyra.prepack import onednn_frozen_linears
 
             print(onednn_frozen_linears(model), file=sys.stderr)  # as lyra.train does after lean_activations
+        if cfg.model.get("fused_lora", True) and args.variant != "lyra_peft_lora":
+            from lyra.fused_lora import fuse_lora_layers
+
+            print(fuse_lora_layers(model), file=sys.stderr)  # as lyra.train does after onednn_frozen_linears
         padding_free = True if args.variant == "lyra_padding_free" else cfg.data.padding_free
         prefix_sharing = cfg.data.prefix_sharing and args.variant not in ("lyra_padding_free", "lyra_unshared")
         trainer = build_trainer(model, training_args, tokenizer, dataset, None, padding_free,

@@ -53,6 +53,7 @@ def smoke_config():
     ("model.trust_remote_code", "yes", "model.trust_remote_code: must be true or false, got 'yes'"),
     ("model.lean_activations", "on", "model.lean_activations: must be true or false, got 'on'"),
     ("model.onednn_linears", "yes", "model.onednn_linears: must be true or false, got 'yes'"),
+    ("model.fused_lora", "yes", "model.fused_lora: must be true or false, got 'yes'"),
 ])
 def test_out_of_range_values_name_the_key_and_range(smoke_config, key, value, line):
     config = smoke_config.copy()
