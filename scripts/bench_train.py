@@ -5,7 +5,12 @@
     python scripts/bench_train.py --variants hf,lyra       # a subset
     python scripts/bench_train.py --generate               # chat generation: KV cache, static cache + compile
 
-Variants (each in its own subprocess, so memory figures don't mix; same model weights, LoRA config,
+Schedule: every variant runs in its own interpreter (so memory figures don't mix). They load side by
+side and then take turns, one optimizer step each, round after round (`run_in_turns`): no timed step
+overlaps another, and a machine whose speed drifts over the minutes of a run (a shared VM) slows every
+variant alike instead of whichever ran then. `--sequential` runs them one after the other instead.
+
+Variants (same model weights, LoRA config,
 seed, steps, batch size, learning-rate schedule and the same examples of the embedded corpus, cut
 into one example per assistant turn by lyra's encoder; every variant uses the length-grouped sampler
 with the same seed, so the in-process ones see identical batches):
@@ -70,6 +75,7 @@ VARIANTS = ("baseline", "hf", "trl", "llamafactory", "unsloth", "lyra")
 OPTIONAL = ("lyra_padding_free", "lyra_unshared", "lyra_stock_modules", "lyra_dense_mask", "lyra_eager_linears",
             "lyra_peft_lora")
 GPU_ONLY = {"unsloth"}
+TURN_FDS_ENV = "LYRA_BENCH_TURN_FDS"  # "read fd,write fd" of a child's pipes to run_in_turns
 
 # Random Qwen3s built locally (weights a pure function of the seed), so no download is ever needed.
 MODELS = {
@@ -241,6 +247,28 @@ def page_in(model) -> None:
                 tensor.reshape(-1)[:: max(1, 4096 // tensor.element_size())].sum()  # one read per 4 KiB page
 
 
+class Turns:
+    """The child's side of the parent's turn-taking (`run_in_turns`): before each optimizer step and before
+    its closing work, a variant asks for the CPU and waits until the parent gives it. So the variants of
+    one invocation take turns step by step, and a machine that speeds up or slows down over the minutes
+    of a run moves every variant alike, instead of whichever ran then. Without the parent's pipes
+    (`--sequential`, in-process use) every call returns at once."""
+
+    def __init__(self):
+        fds = os.environ.get(TURN_FDS_ENV)
+        self._read, self._write = (int(fd) for fd in fds.split(",")) if fds else (None, None)
+
+    def wait(self) -> None:
+        if self._write is None:
+            return
+        os.write(self._write, b"w")
+        if os.read(self._read, 1) != b"g":  # the parent is gone: stop rather than run alongside others
+            raise SystemExit("bench_train: the parent stopped handing out turns")
+
+
+TURNS = Turns()
+
+
 def measured(trainer_cls):
     """`trainer_cls` that times whole optimizer steps, counts tokens per step, measures training
     memory around `train()`, and takes the first-batch loss through its own collator and loss."""
@@ -257,10 +285,13 @@ def measured(trainer_cls):
         def __init__(self):
             self.seconds: list[float] = []
             self.cpu_seconds: list[float] = []
+            self.windows: list[list[float]] = []  # [start, end] epoch seconds per step: turns must not overlap
 
         def on_step_begin(self, args, state, control, **kwargs):
+            TURNS.wait()  # lockstep with the other variants (parent: run_in_turns)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            self.windows.append([time.time(), None])
             self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -268,6 +299,7 @@ def measured(trainer_cls):
                 torch.cuda.synchronize()
             self.seconds.append(time.perf_counter() - self._start)
             self.cpu_seconds.append(time.process_time() - self._cpu_start)
+            self.windows[-1][1] = time.time()
 
     class Measured(trainer_cls):
         instances: list = []  # for workflows that build the trainer themselves (LLaMA-Factory)
@@ -291,6 +323,7 @@ def measured(trainer_cls):
             result = super().train(*args, **kwargs)
             self.training_memory = memory.stop()
             self.memory_method = memory.method
+            TURNS.wait()  # what follows training (saving, lyra's loss parity) takes a turn too
             self.train_result = result
             return result
 
@@ -524,6 +557,7 @@ def run_variant(args) -> dict:
         "dtype": cfg_dtype(cfg),
         "versions": versions(),
         "loss_parity": parity,
+        "step_windows": trainer.clock.windows,
     }
 
 
@@ -627,26 +661,106 @@ def last_line(text: str) -> str:
     return (errors or lines or ["no output"])[-1][-300:]
 
 
-def run_child(args, variant: str) -> dict:
-    """One variant in a fresh interpreter; its last stdout line is its JSON result.
+def child_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
-    A peer that fails is reported with the last line of its error; lyra failing is fatal."""
+
+def child_result(args, variant: str, returncode: int, stdout: str, stderr: str) -> dict:
+    """A child's last stdout line is its JSON result. A peer that fails is reported with the last line of
+    its error; lyra failing is fatal."""
+    lines = stdout.strip().splitlines()
+    if returncode != 0 or not lines:
+        if args.generate or variant != "lyra":
+            return {"variant": variant, "status": "failed", "reason": last_line(stderr)}
+        raise SystemExit(f"bench_train: variant {variant} failed (exit {returncode}):\n{stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def run_child(args, variant: str) -> dict:
+    """One variant in a fresh interpreter, alone (--sequential, --generate)."""
     reason = unavailable(variant, args) if not args.generate else None
     if reason:
         return {"variant": variant, "status": "unsupported", "reason": reason}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     try:
         done = subprocess.run(child_command(args, variant), capture_output=True, text=True, timeout=args.timeout,
-                              cwd=REPO_ROOT, env=env)
+                              cwd=REPO_ROOT, env=child_env())
     except subprocess.TimeoutExpired:
         return {"variant": variant, "status": "unsupported", "reason": f"did not finish within {args.timeout} s"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        if args.generate or variant != "lyra":
-            return {"variant": variant, "status": "failed", "reason": last_line(done.stderr)}
-        raise SystemExit(f"bench_train: variant {variant} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1])
+    return child_result(args, variant, done.returncode, done.stdout, done.stderr)
+
+
+def run_in_turns(args, variants: list[str]) -> dict[str, dict]:
+    """Every variant in its own interpreter, loaded side by side, then one optimizer step each in turn
+    (variant order, round after round), then each one's closing work in turn: `Turns` is the child's side.
+    Loading overlaps; no timed step overlaps another, and a machine whose speed drifts during the run
+    (a shared VM) moves every variant alike. Memory stays per process. Each child's step windows come
+    back in its JSON, so the report shows that no two overlapped."""
+    import select
+
+    results, children = {}, {}
+    for variant in variants:
+        if reason := unavailable(variant, args):
+            results[variant] = {"variant": variant, "status": "unsupported", "reason": reason}
+            continue
+        to_child_read, to_child_write = os.pipe()
+        from_child_read, from_child_write = os.pipe()
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        process = subprocess.Popen(child_command(args, variant), stdout=out, stderr=err, text=True, cwd=REPO_ROOT,
+                                   env={**child_env(), TURN_FDS_ENV: f"{to_child_read},{from_child_write}"},
+                                   pass_fds=(to_child_read, from_child_write))
+        os.close(to_child_read)
+        os.close(from_child_write)
+        children[variant] = (process, to_child_write, from_child_read, out, err)
+    deadline = time.monotonic() + args.timeout * max(len(children), 1)
+
+    def asks_for_turn(variant: str) -> bool:
+        """Block until the child asks for its next turn (True) or exits (False)."""
+        read_fd = children[variant][2]
+        ready, _, _ = select.select([read_fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError
+        return os.read(read_fd, 1) == b"w"
+
+    timed_out = False
+    try:
+        asking = {variant: asks_for_turn(variant) for variant in children}  # all loaded (or gone)
+        while any(asking.values()):
+            for variant in children:
+                if asking[variant]:
+                    try:
+                        os.write(children[variant][1], b"g")
+                    except BrokenPipeError:
+                        asking[variant] = False
+                        continue
+                    asking[variant] = asks_for_turn(variant)
+    except TimeoutError:
+        timed_out = True
+    for variant, (process, to_child, from_child, out, err) in children.items():
+        if timed_out and process.poll() is None:
+            process.kill()
+            results[variant] = {"variant": variant, "status": "unsupported",
+                                "reason": f"did not finish within {args.timeout} s per variant (run in turns)"}
+        process.wait()
+        os.close(to_child)
+        os.close(from_child)
+        if variant not in results:
+            out.seek(0)
+            err.seek(0)
+            results[variant] = child_result(args, variant, process.returncode, out.read(), err.read())
+        out.close()
+        err.close()
+    if timed_out and results.get("lyra", {}).get("status") != "ok":
+        raise SystemExit(f"bench_train: variant lyra did not finish within {args.timeout} s per variant")
+    return {variant: results[variant] for variant in variants}
+
+
+def overlapping_steps(results: dict[str, dict]) -> list[str]:
+    """Pairs of variants with timed steps that ran at the same time (empty when the turns held)."""
+    windows = [(variant, start, end) for variant, row in results.items()
+               for start, end in row.get("step_windows") or [] if end is not None]
+    return sorted({f"{a}/{b}" for a, start_a, end_a in windows for b, start_b, end_b in windows
+                   if a < b and start_a < end_b and start_b < end_a})
 
 
 def machine() -> str:
@@ -738,6 +852,9 @@ def print_training_report(report: dict) -> None:
     else:
         print("best peer: none ran with lyra's objective")
     print(f"memory: {report['variants']['lyra']['memory_measure']}")
+    overlaps = report.get("overlapping_steps")
+    print(f"schedule: {report.get('schedule', 'sequential')}" + (f"; OVERLAPPING timed steps: {', '.join(overlaps)}"
+                                                                  if overlaps else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -759,6 +876,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generate", action="store_true",
                         help="benchmark chat generation instead: no cache, KV cache, static cache + torch.compile")
     parser.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens generated per prompt")
+    parser.add_argument("--sequential", action="store_true",
+                        help="run the variants one after the other instead of in turns, one optimizer step each")
     parser.add_argument("--timeout", type=int, default=3600,
                         help="seconds per variant subprocess; a variant past it is reported unsupported")
     parser.add_argument("--print-model-overrides", action="store_true",
@@ -785,13 +904,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}   load average at start: {load_average()}")
     variants = (("no_cache", "kv_cache", "static_compile") if args.generate
                 else [v for v in VARIANTS + OPTIONAL if v in chosen or v == "lyra"])
-    results = {}
-    for variant in variants:
-        print(f"running {variant} ...", flush=True)
-        results[variant] = run_child(args, variant)
+    if args.generate or args.sequential:
+        results = {}
+        for variant in variants:
+            print(f"running {variant} ...", flush=True)
+            results[variant] = run_child(args, variant)
+    else:
+        print(f"running {', '.join(variants)} in turns, one optimizer step each ...", flush=True)
+        results = run_in_turns(args, variants)
     report = {"command": shlex.join(shown), "machine": machine(), "load_average": {"end": load_average()},
               "model": args.model, "quantization": quantization_for(args), "steps": args.steps,
               "batch_size": args.batch_size, "variants": results}
+    if not args.generate:
+        report["schedule"] = "sequential" if args.sequential else "in turns"
+        report["overlapping_steps"] = overlapping_steps(results)
     if args.generate:
         for name, row in results.items():
             print(f"{name:<15} " + (f"{row['tokens_per_s']:8.1f} tok/s (warm-up {row['warmup_seconds']:.1f} s)"

@@ -18,7 +18,7 @@ spec.loader.exec_module(bench)
 HAS_TRL = importlib.util.find_spec("trl") is not None
 PEERS = "baseline,hf,trl" if HAS_TRL else "baseline,hf"
 SMOKE = ["--variants", PEERS, "--quantization", "none", "--steps", "1", "--batch-size", "2", "--max-length", "128",
-         "--json"]
+         "--json", "--sequential"]  # in-process below (run_child is patched); the turns are tested on real children
 
 
 def test_child_command_round_trips_the_options():
@@ -78,6 +78,32 @@ def test_bench_smoke_reports_every_variant_with_ratios_and_parity(monkeypatch, c
     assert best in PEERS.split(",")[1:]
     assert report["speedup"] == rows["lyra"]["supervised_tokens_per_s"] / rows[best]["supervised_tokens_per_s"]
     assert report["memory_ratio"] == report["vs"][best]["memory_ratio"]
+
+
+@pytest.mark.slow
+def test_variants_take_turns_one_optimizer_step_each(capsys):
+    """The default schedule: real child interpreters, loaded side by side, then step by step in variant
+    order, so the machine's drift over a run hits every variant alike; no two timed steps overlap."""
+    argv = ["--model", "tiny", "--variants", "hf", "--quantization", "none", "--steps", "3", "--batch-size", "2",
+            "--max-length", "128", "--json"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["schedule"] == "in turns" and report["overlapping_steps"] == []
+    assert "schedule: in turns" in out and "OVERLAPPING" not in out
+    windows = sorted((start, end, name) for name in ("hf", "lyra")
+                     for start, end in report["variants"][name]["step_windows"])
+    assert [name for _, _, name in windows] == ["hf", "lyra"] * 3  # round after round, in variant order
+    assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(windows, windows[1:]))
+    assert report["variants"]["lyra"]["loss_parity"]["ok"] and report["best_peer"] == "hf"
+
+
+def test_overlapping_steps_are_named():
+    rows = {"hf": {"step_windows": [[0.0, 1.0], [2.0, 3.0]]}, "lyra": {"step_windows": [[1.0, 2.0], [2.5, 3.5]]},
+            "trl": {"status": "failed"}}
+    assert bench.overlapping_steps(rows) == ["hf/lyra"]
+    rows["lyra"]["step_windows"][1] = [3.0, 4.0]
+    assert bench.overlapping_steps(rows) == []
 
 
 def row(loss, tokens_per_s, memory=100):
