@@ -12,8 +12,8 @@ that cost almost nothing. On a CPU most of that time is not the products:
 
 `_FusedLoRALinear` computes the same function in one node. The forward adds the adapter into the base
 product in place (`addmm_`), and the backward adds the adapter's input gradient into the base's.
-The dropout mask comes from numpy's PCG64, seeded for each call from torch's generator: one 32-bit
-draw per element against (1 - p) * 2^32, 1 byte per element kept for the backward. That is ~0.35 ms
+The dropout mask comes from numpy's SFC64, seeded for each call from torch's generator: one 32-bit
+draw per element against (1 - p) * 2^32, 1 byte per element kept for the backward. That is ~0.3 ms
 for the same activation. The result is exact dropout: each element is dropped with probability p
 (to 2^-32) and the rest are scaled by 1/(1 - p), reproducible under `trainer.seed`. It is a different
 random stream from PEFT's, though, so a run's losses differ from `model.fused_lora=false` from the
@@ -39,7 +39,7 @@ from lyra.prepack import onednn_linear, uses_onednn
 
 def dropped_mask(shape, p: float):
     """A bool tensor of `shape`, True where an element is dropped (probability p, exact to 2^-32), drawn
-    from numpy's PCG64 seeded by torch's default generator, so `torch.manual_seed` makes it repeat."""
+    from numpy's SFC64 seeded by torch's default generator, so `torch.manual_seed` makes it repeat."""
     import numpy as np
     import torch
 
@@ -47,7 +47,7 @@ def dropped_mask(shape, p: float):
     for size in shape:
         count *= size
     seed = int(torch.randint(0, 2**62, (1,)))
-    bits = np.random.PCG64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]  # 64-bit draws, two per draw
+    bits = np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]  # 64-bit draws, two per draw
     return torch.from_numpy(bits >= np.uint32(round((1.0 - p) * 2**32))).view(shape)
 
 
@@ -65,7 +65,7 @@ def _fused_function():
             out = linear(x, weight, bias)
             rows = x.reshape(-1, x.shape[-1])
             dropped = dropped_mask(rows.shape, p) if p > 0 else None  # [rows, in], True = dropped
-            kept = rows if dropped is None else rows.masked_fill(dropped, 0.0)
+            kept = rows if dropped is None else torch.where(dropped, 0.0, rows)  # faster than masked_fill here
             keep_scale = 1.0 / (1.0 - p)
             hidden = torch.mm(kept, lora_a.t())
             if keep_scale != 1.0:
@@ -91,7 +91,7 @@ def _fused_function():
                 grad_x = ctx.linear(grad_out.contiguous(), weight.t())  # g W: the frozen base's input gradient
                 through_adapter = torch.mm(grad_hidden, lora_a)
                 if dropped is not None:
-                    through_adapter.masked_fill_(dropped, 0.0)
+                    through_adapter = torch.where(dropped, 0.0, through_adapter)
                 grad_x.view(-1, grad_x.shape[-1]).add_(through_adapter, alpha=ctx.keep_scale)
             return grad_x, None, None, grad_a, grad_b, None, None, None
 
