@@ -20,8 +20,9 @@ random stream from PEFT's, though, so a run's losses differ from `model.fused_lo
 first dropped element, and agree with it exactly when `lora_dropout` is 0 (tests/test_fused_lora.py).
 
 Measured on SmolLM2-135M, LoRA on q/v (60 layers), the bench's batches: one layer's forward and
-backward 6.5 -> 5.3 ms, a whole step 1.04x faster (paired, alternated, same batches). It keeps what
-PEFT keeps (the dropped input and a 1-byte mask) and no more.
+backward 6.5 -> 5.3 ms; a whole step 1.04x faster (paired, alternated, same batches), and 1.04-1.09x
+in `scripts/bench_train.py --variants hf,lyra,lyra_peft_lora` (docs/performance.md). It keeps what PEFT
+keeps (the dropped input and a 1-byte mask) and no more: 0.81-0.84 of PEFT's training memory there.
 
 Only the plain case is fused: training mode, one active adapter that is vanilla LoRA (no DoRA or
 other variant, no LoRA bias), not merged, not disabled, an exact `nn.Linear` base that is frozen,
