@@ -49,7 +49,8 @@ def dropped_mask(shape, p: float):
         count *= size
     seed = int(torch.randint(0, 2**62, (1,)))
     bits = np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]  # 64-bit draws, two per draw
-    return torch.from_numpy(bits >= np.uint32(round((1.0 - p) * 2**32))).view(shape)
+    threshold = min(round((1.0 - p) * 2**32), 2**32 - 1)  # a p below 2^-33 still fits in 32 bits
+    return torch.from_numpy(bits >= np.uint32(threshold)).view(shape)
 
 
 @functools.cache

@@ -103,6 +103,7 @@ def test_the_dropout_mask_drops_p_and_repeats_under_a_seed():
     assert abs(dropped_mask((200_000,), 0.5).float().mean().item() - 0.5) < 0.005
     odd = dropped_mask((3, 5), 0.3)  # an odd element count: 64-bit draws split in two
     assert odd.shape == (3, 5)
+    assert not dropped_mask((1000,), 1e-12).any()  # a p too small for 32 bits: nothing dropped, no overflow
 
 
 def test_with_dropout_training_is_seeded_and_differs_from_no_dropout():
