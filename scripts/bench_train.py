@@ -4,6 +4,7 @@
     python scripts/bench_train.py --model qwen3_0_6b --steps 4 --batch-size 4 --json   # full architecture
     python scripts/bench_train.py --variants hf,lyra       # a subset
     python scripts/bench_train.py --generate               # chat generation: KV cache, static cache + compile
+    python scripts/bench_train.py --model smollm2_135m --variants hf,lyra --profile   # where a step goes
 
 Schedule: every variant runs in its own interpreter (so memory figures don't mix). They load side by
 side and then take turns, one optimizer step each, round after round (`run_in_turns`): no timed step
@@ -268,10 +269,75 @@ class Turns:
 
 TURNS = Turns()
 
+# --profile: where a timed step's wall time goes, by the self time of what ran in it
+PRODUCT_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::mv",
+               "aten::dot", "mkldnn::_linear_pointwise", "aten::mkldnn_linear"}
+PROFILE_PARTS = ("products", "attention", "other_ops", "python_and_autograd")
+PROFILE_STEPS = False  # set from --profile in the child (run_variant)
+
+
+def profile_part(name: str) -> str:
+    """products: matrix products (MKL, oneDNN); attention: sdpa's kernels; other_ops: every other torch
+    op (norms, activations, copies, the loss); python_and_autograd: the rest of the step (Python, the
+    autograd engine, custom autograd Functions' own Python, numpy)."""
+    if name in PRODUCT_OPS:
+        return "products"
+    if "attention" in name:
+        return "attention"
+    if "::" in name and not name.startswith("autograd::"):
+        return "other_ops"
+    return "python_and_autograd"
+
+
+class StepProfiler:
+    """--profile: torch's profiler over the timed steps, each step one labelled range; `parts()` splits
+    each range's wall time by the self time of the events under it (PROFILE_PARTS). The profiler slows a
+    step down, so a --profile run's speed figures are not the benchmark's."""
+
+    LABEL = "bench_train_step"
+
+    def __init__(self, enabled: bool):
+        self.enabled, self._profiler, self._range = enabled, None, None
+
+    def begin(self, step: int) -> None:
+        if not self.enabled or step == 0:  # step 0 is warm-up, untimed
+            return
+        import torch
+
+        if self._profiler is None:
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self._profiler.start()
+        self._range = torch.profiler.record_function(self.LABEL)
+        self._range.__enter__()
+
+    def end(self) -> None:
+        if self._range is not None:
+            self._range.__exit__(None, None, None)
+            self._range = None
+
+    def parts(self) -> dict | None:
+        """Seconds per timed step in each part, and the profiled steps' own wall seconds."""
+        if self._profiler is None:
+            return None
+        self._profiler.stop()
+        steps = [event for event in self._profiler.events() if event.name == self.LABEL]
+        seconds = dict.fromkeys(PROFILE_PARTS, 0.0)
+        for step in steps:
+            seconds["python_and_autograd"] += step.self_cpu_time_total / 1e6
+            stack = list(step.cpu_children)
+            while stack:
+                event = stack.pop()
+                seconds[profile_part(event.name)] += event.self_cpu_time_total / 1e6
+                stack.extend(event.cpu_children)
+        wall = sum(step.cpu_time_total for step in steps) / 1e6
+        return {"steps": len(steps), "seconds_per_step": wall / max(len(steps), 1),
+                **{part: value / max(len(steps), 1) for part, value in seconds.items()}}
+
 
 def measured(trainer_cls):
     """`trainer_cls` that times whole optimizer steps, counts tokens per step, measures training
-    memory around `train()`, and takes the first-batch loss through its own collator and loss."""
+    memory around `train()`, and takes the first-batch loss through its own collator and loss; under
+    --profile (PROFILE_STEPS), splits the timed steps' time by what ran (StepProfiler)."""
     import torch
     from transformers import TrainerCallback
 
@@ -286,11 +352,13 @@ def measured(trainer_cls):
             self.seconds: list[float] = []
             self.cpu_seconds: list[float] = []
             self.windows: list[list[float]] = []  # [start, end] epoch seconds per step: turns must not overlap
+            self.profiler = StepProfiler(PROFILE_STEPS)
 
         def on_step_begin(self, args, state, control, **kwargs):
             TURNS.wait()  # lockstep with the other variants (parent: run_in_turns)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            self.profiler.begin(len(self.seconds))
             self.windows.append([time.time(), None])
             self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
@@ -300,6 +368,7 @@ def measured(trainer_cls):
             self.seconds.append(time.perf_counter() - self._start)
             self.cpu_seconds.append(time.process_time() - self._cpu_start)
             self.windows[-1][1] = time.time()
+            self.profiler.end()
 
     class Measured(trainer_cls):
         instances: list = []  # for workflows that build the trainer themselves (LLaMA-Factory)
@@ -520,6 +589,8 @@ def llamafactory_trainer(args, cfg, run_dir):
 
 def run_variant(args) -> dict:
     """One pipeline's training run in this process; returns its measurements."""
+    global PROFILE_STEPS
+    PROFILE_STEPS = args.profile
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.variant}-") as run_dir:
         cfg = compose_config(args, run_dir)
         parity = None
@@ -558,6 +629,7 @@ def run_variant(args) -> dict:
         "versions": versions(),
         "loss_parity": parity,
         "step_windows": trainer.clock.windows,
+        "profile": trainer.clock.profiler.parts(),
     }
 
 
@@ -632,7 +704,7 @@ def child_command(args, variant: str) -> list[str]:
     command = [python, str(Path(__file__).resolve()), "--variant", variant, "--model", args.model,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                "--new-tokens", str(args.new_tokens), "--quantization", args.quantization]
-    return command + (["--generate"] if args.generate else [])
+    return command + (["--generate"] if args.generate else []) + (["--profile"] if args.profile else [])
 
 
 def unavailable(variant: str, args) -> str | None:
@@ -852,6 +924,14 @@ def print_training_report(report: dict) -> None:
     else:
         print("best peer: none ran with lyra's objective")
     print(f"memory: {report['variants']['lyra']['memory_measure']}")
+    profiled = {name: row["profile"] for name, row in report["variants"].items() if row.get("profile")}
+    if profiled:
+        print("where a timed step goes (--profile; the profiler's own cost included, so these steps run slower):")
+        print(f"  {'variant':<13} {'s/step':>7} " + " ".join(f"{part:>20}" for part in PROFILE_PARTS))
+        for name, parts in profiled.items():
+            shares = " ".join(f"{parts[part]:>9.3f} s {parts[part] / parts['seconds_per_step']:>7.1%}"
+                              for part in PROFILE_PARTS)
+            print(f"  {name:<13} {parts['seconds_per_step']:>7.3f} {shares}")
     overlaps = report.get("overlapping_steps")
     print(f"schedule: {report.get('schedule', 'sequential')}" + (f"; OVERLAPPING timed steps: {', '.join(overlaps)}"
                                                                   if overlaps else ""))
@@ -876,6 +956,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generate", action="store_true",
                         help="benchmark chat generation instead: no cache, KV cache, static cache + torch.compile")
     parser.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens generated per prompt")
+    parser.add_argument("--profile", action="store_true",
+                        help="split each variant's timed steps by what ran (matrix products, attention, other ops, "
+                             "Python and autograd) with torch's profiler; it slows steps down, so quote speed "
+                             "from a run without it")
     parser.add_argument("--sequential", action="store_true",
                         help="run the variants one after the other instead of in turns, one optimizer step each")
     parser.add_argument("--timeout", type=int, default=3600,

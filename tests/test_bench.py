@@ -23,21 +23,23 @@ SMOKE = ["--variants", PEERS, "--quantization", "none", "--steps", "1", "--batch
 
 def test_child_command_round_trips_the_options():
     args = argparse.Namespace(model="small", steps=3, batch_size=5, max_length=256, new_tokens=7, generate=True,
-                              quantization="none", llamafactory_python="/venvs/lf/bin/python")
+                              quantization="none", llamafactory_python="/venvs/lf/bin/python", profile=True)
     command = bench.child_command(args, "kv_cache")
     assert command[2:] == ["--variant", "kv_cache", "--model", "small", "--steps", "3", "--batch-size", "5",
-                           "--max-length", "256", "--new-tokens", "7", "--quantization", "none", "--generate"]
+                           "--max-length", "256", "--new-tokens", "7", "--quantization", "none", "--generate",
+                           "--profile"]
     assert bench.child_command(args, "llamafactory")[0] == "/venvs/lf/bin/python"
 
 
-@pytest.mark.slow
-def test_bench_smoke_reports_every_variant_with_ratios_and_parity(monkeypatch, capsys):
+@pytest.fixture
+def children_in_process(monkeypatch):
+    """run_child runs each variant in this process (no interpreter start-up); the corpus is encoded once."""
     import lyra.data
 
     encoded = {}
     build_datasets = lyra.data.build_datasets
 
-    def encode_once(data_cfg, tokenizer):  # the corpus is encoded once, not once per variant
+    def encode_once(data_cfg, tokenizer):
         if "splits" not in encoded:
             encoded["splits"] = build_datasets(data_cfg, tokenizer)
         return encoded["splits"]
@@ -51,6 +53,10 @@ def test_bench_smoke_reports_every_variant_with_ratios_and_parity(monkeypatch, c
         return json.loads(json.dumps(bench.run_variant(args)))
 
     monkeypatch.setattr(bench, "run_child", in_process)
+
+
+@pytest.mark.slow
+def test_bench_smoke_reports_every_variant_with_ratios_and_parity(children_in_process, capsys):
     assert bench.main(SMOKE) == 0
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
@@ -78,6 +84,36 @@ def test_bench_smoke_reports_every_variant_with_ratios_and_parity(monkeypatch, c
     assert best in PEERS.split(",")[1:]
     assert report["speedup"] == rows["lyra"]["supervised_tokens_per_s"] / rows[best]["supervised_tokens_per_s"]
     assert report["memory_ratio"] == report["vs"][best]["memory_ratio"]
+    assert all(row["profile"] is None for row in rows.values()) and "where a timed step goes" not in out
+
+
+def test_profile_splits_each_timed_step_by_what_ran(children_in_process, capsys):
+    """--profile: every timed step (not the warm-up) is split into products, attention, other ops and the
+    rest, and the parts add up to the step's own time."""
+    argv = ["--model", "tiny", "--variants", "hf", "--quantization", "none", "--steps", "3", "--batch-size", "2",
+            "--max-length", "128", "--json", "--sequential", "--profile"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    for name in ("hf", "lyra"):
+        row = report["variants"][name]
+        parts = row["profile"]
+        assert parts["steps"] == row["timed_steps"] == 2
+        assert sum(parts[part] for part in bench.PROFILE_PARTS) == pytest.approx(parts["seconds_per_step"], rel=1e-3)
+        assert parts["products"] > 0 and parts["attention"] > 0 and parts["other_ops"] > 0
+        # the labelled range wraps the timed window and nothing more than the clock's own calls
+        assert parts["seconds_per_step"] == pytest.approx(row["timed_seconds"] / 2, rel=0.1, abs=0.005)
+    assert "where a timed step goes" in out
+
+
+@pytest.mark.parametrize("name, part", [
+    ("mkldnn::_linear_pointwise", "products"), ("aten::addmm", "products"), ("aten::mm", "products"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"), ("aten::mul", "other_ops"),
+    ("aten::silu_backward", "other_ops"), ("_FusedLoRALinear", "python_and_autograd"),
+    ("autograd::engine::evaluate_function: MmBackward0", "python_and_autograd"),
+    ("Optimizer.step#AdamW.step", "python_and_autograd")])
+def test_profile_parts_name_what_each_event_is(name, part):
+    assert bench.profile_part(name) == part
 
 
 @pytest.mark.slow
