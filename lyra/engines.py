@@ -517,6 +517,7 @@ def open_engine(run, choice: str, gguf_type: str = "f16", generation: Mapping[st
     generation group (a setting llama.cpp cannot map refuses it too; its repetition_penalty is the
     one the parity check uses). n_ctx: llama.cpp's context, capped at the model's own."""
     from lyra.gguf import check_gguf_type
+    from lyra.prepack import release_packs
     from lyra.runs import adapter_dir
 
     generation = dict(generation or {})
@@ -529,8 +530,14 @@ def open_engine(run, choice: str, gguf_type: str = "f16", generation: Mapping[st
         log.info("engine: transformers (auto: the run's base is quantized; the GGUF would be its float merge)")
         return transformers
     if name == "transformers":
-        why = "" if choice == "transformers" else (
-            " (auto: llama-cpp-python is not installed)" if not llama_cpp_installed() else f" (auto: on {model_device})")
+        if choice == "transformers":
+            why = ""
+        elif llama_cpp_installed():
+            why = f" (auto: on {model_device})"
+        else:  # where auto would pick llama.cpp, say what the missing extra costs (~4x decode: docs/performance.md)
+            faster = model_device == "cpu" and not is_quantized(run.model)
+            why = " (auto: llama-cpp-python is not installed" + (
+                f"; on CPU llama.cpp replies ~4x faster: {GGUF_RUNTIME_HINT})" if faster else ")")
         log.info("engine: transformers%s", why)
         return transformers
 
@@ -577,7 +584,10 @@ def open_engine(run, choice: str, gguf_type: str = "f16", generation: Mapping[st
                       f"{', '.join(str(i + 1) for i in verdict['differ'])} of {verdict['probes']} "
                       f"({gguf_type} GGUF {gguf_file}); use engine=transformers"
                       + (" or gguf_type=f32" if gguf_type != "f32" else ""))
-    log.info("engine: llamacpp (GGUF %s %s at %s; parity %d/%d over %d greedy tokens, %s; n_ctx %d)", gguf_type,
+    # transformers is left with the adapter-off toggle (web, serve): its prepacked copies would sit unread
+    released = release_packs(run.model)
+    log.info("engine: llamacpp (GGUF %s %s at %s; parity %d/%d over %d greedy tokens, %s; n_ctx %d)%s", gguf_type,
              "made" if made else "cached", gguf_file, verdict["probes"], verdict["probes"], parity_tokens, cached_note,
-             n_ctx)
+             n_ctx, f"; released the transformers model's {released / 1e6:.0f} MB of prepacked weights (packed again "
+                    f"on its first reply)" if released else "")
     return engine

@@ -26,7 +26,8 @@ bitsandbytes' 4-bit layers) in float32 or bfloat16 on CPU are packed, and only f
 with autograd on (training, probes during training) every layer runs eager `F.linear`. A weight
 swapped by pointer (`LoadedRun.adapter_disabled`, the web page's base toggle) is packed once more
 on first use and both packs are kept; a weight changed in place after packing is not noticed, so
-call `unpack_linears` before editing weights.
+call `unpack_linears` before editing weights. `release_packs` drops the copies and keeps the packing
+forward (lyra.engines calls it once llama.cpp serves the replies): a layer packs again on first use.
 
 Training (`onednn_frozen_linears`, `model.onednn_linears=true`): LoRA's frozen base layers run their
 products through oneDNN too, on the plain weight (no packed copy, no extra memory): the forward
@@ -203,6 +204,38 @@ def onednn_frozen_linears(model) -> str:
     for module in layers:
         module.forward = types.MethodType(_frozen_onednn_forward, module)
     return f"{len(layers)} frozen linear layers run on oneDNN (model.onednn_linears=false: F.linear)"
+
+
+def release_packs(model) -> int:
+    """Drop every layer's packed copies but keep its packing forward, so a layer packs again on its next
+    inference call; returns the bytes released. The engines call it when llama.cpp serves the replies
+    and the transformers model is left for the adapter-off toggle: the copies (as large as the linear
+    weights: +538 MB at SmolLM2-135M fp32, ~2.4 GB at Qwen3-0.6B) would otherwise sit unread."""
+    released = 0
+    for module in model.modules():
+        packs = getattr(module, "_lyra_packs", None)
+        if packs:
+            released += sum(packed.numel() * packed.element_size() for packed in packs.values())
+            packs.clear()
+    if released:
+        _return_freed_memory()
+    return released
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed blocks below its mmap threshold in the heap; malloc_trim hands them back to the
+    OS, so the process's RSS shows the release (SmolLM2: 1,602 -> 1,469 MB without it, 1,083 MB with)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:  # not glibc (musl, macOS): the memory stays reusable by this process
+        trim = None
+    if trim is not None:
+        trim(0)
 
 
 def unpack_linears(model) -> int:

@@ -153,6 +153,44 @@ def test_second_start_reuses_the_gguf_and_the_verdict(engine_run, llamacpp, monk
     assert "GGUF f16 cached at" in line and "parity 3/3" in line and "cached verdict" in line
 
 
+def test_auto_without_llama_cpp_says_what_installing_it_gives_on_cpu(engine_run, monkeypatch, caplog):
+    import lyra.engines
+
+    monkeypatch.setattr(lyra.engines, "llama_cpp_installed", lambda: False)
+    hint = "on CPU llama.cpp replies ~4x faster: pip install 'lyra[gguf-runtime]'"
+    for quantized in (False, True):  # auto keeps a 4-bit run on transformers anyway: no hint there
+        monkeypatch.setattr(lyra.engines, "is_quantized", lambda model, quantized=quantized: quantized)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="lyra.engines"):
+            engine = lyra.engines.open_engine(engine_run, "auto", generation=GREEDY)
+        assert isinstance(engine, lyra.engines.TransformersEngine)
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("engine: transformers"))
+        assert "auto: llama-cpp-python is not installed" in line and (hint in line) is not quantized
+
+
+@needs_llama_cpp
+def test_llamacpp_releases_the_transformers_models_packed_copies(engine_run, llamacpp, caplog):
+    """Chat, web and serve load the run prepacked; once llama.cpp serves, transformers answers only the
+    adapter-off toggle, so its packed copies are dropped (and made again on its first reply)."""
+    import torch
+
+    import lyra.engines
+    from lyra.runs import load_run
+
+    packed = load_run(engine_run.run_dir, prepack=True)
+    layers = [module for module in packed.model.modules() if hasattr(module, "_lyra_packs")]
+    assert layers and all(module._lyra_packs for module in layers)
+    with caplog.at_level("INFO", logger="lyra.engines"):
+        engine = lyra.engines.open_engine(packed, "llamacpp", generation=GREEDY)  # GGUF and verdict cached
+    engine.close()
+    assert all(module._lyra_packs == {} for module in layers)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("engine: llamacpp"))
+    assert "released the transformers model's" in line and "MB of prepacked weights" in line
+    with torch.no_grad():
+        packed.model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert all(module._lyra_packs for module in layers)
+
+
 @needs_llama_cpp
 def test_a_different_reply_refuses_llamacpp_and_sends_auto_back_to_transformers(engine_run, llamacpp, monkeypatch,
                                                                                caplog):

@@ -70,6 +70,25 @@ def test_autograd_runs_the_original_weight_and_unpack_restores_the_class_forward
     assert all("forward" not in module.__dict__ and not hasattr(module, "_lyra_packs") for module in model)
 
 
+def test_released_packs_are_made_again_on_the_next_inference_call():
+    """With llama.cpp serving, the engines drop the transformers model's packed copies; a later reply
+    from it (the adapter-off toggle) packs again instead of falling back to eager F.linear for good."""
+    from lyra.prepack import prepack_linears, release_packs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    x = torch.randn(3, 64)
+    assert release_packs(model) == 0  # nothing packed, nothing released
+    prepack_linears(model)
+    with torch.no_grad():
+        packed_out = model(x)
+    assert release_packs(model) == (64 * 32 + 32 * 8) * 4
+    assert all(module._lyra_packs == {} and "forward" in module.__dict__ for module in model)
+    with torch.no_grad():
+        assert torch.equal(model(x), packed_out)  # the same packed product, packed anew
+    assert all(len(module._lyra_packs) == 1 for module in model)
+
+
 def _tiny_lora_qwen3():
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3Config, Qwen3ForCausalLM
