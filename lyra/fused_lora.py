@@ -38,9 +38,10 @@ import types
 from lyra.prepack import onednn_linear, uses_onednn
 
 
-def dropped_mask(shape, p: float):
-    """A bool tensor of `shape`, True where an element is dropped (probability p, exact to 2^-32), drawn
-    from numpy's SFC64 seeded by torch's default generator, so `torch.manual_seed` makes it repeat."""
+def kept_mask(shape, p: float):
+    """A uint8 tensor of `shape`, 1 where an element is kept and 0 where it is dropped (probability p, exact
+    to 2^-32), drawn from numpy's SFC64 seeded by torch's default generator, so `torch.manual_seed` makes it
+    repeat. uint8 rather than bool because `x * mask` with it is ~4x faster than `torch.where` on a bool."""
     import numpy as np
     import torch
 
@@ -50,7 +51,7 @@ def dropped_mask(shape, p: float):
     seed = int(torch.randint(0, 2**62, (1,)))
     bits = np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.uint32)[:count]  # 64-bit draws, two per draw
     threshold = min(round((1.0 - p) * 2**32), 2**32 - 1)  # a p below 2^-33 still fits in 32 bits
-    return torch.from_numpy(bits >= np.uint32(threshold)).view(shape)
+    return torch.from_numpy((bits < np.uint32(threshold)).view(np.uint8)).view(shape)
 
 
 @functools.cache
@@ -66,20 +67,20 @@ def _fused_function():
         def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, linear):
             out = linear(x, weight, bias)
             rows = x.reshape(-1, x.shape[-1])
-            dropped = dropped_mask(rows.shape, p) if p > 0 else None  # [rows, in], True = dropped
-            kept = rows if dropped is None else torch.where(dropped, 0.0, rows)  # faster than masked_fill here
+            mask = kept_mask(rows.shape, p) if p > 0 else None  # [rows, in], 1 = kept
+            kept = rows if mask is None else rows * mask
             keep_scale = 1.0 / (1.0 - p)
             hidden = torch.mm(kept, lora_a.t())
             if keep_scale != 1.0:
                 hidden.mul_(keep_scale)  # [rows, r]: the scale on the small side
             out.view(-1, out.shape[-1]).addmm_(hidden, lora_b.t(), alpha=scaling)
-            ctx.save_for_backward(weight, lora_a, lora_b, kept, dropped, hidden)
+            ctx.save_for_backward(weight, lora_a, lora_b, kept, mask, hidden)
             ctx.scaling, ctx.keep_scale, ctx.linear = scaling, keep_scale, linear
             return out
 
         @staticmethod
         def backward(ctx, grad_out):
-            weight, lora_a, lora_b, kept, dropped, hidden = ctx.saved_tensors
+            weight, lora_a, lora_b, kept, mask, hidden = ctx.saved_tensors
             grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
             grad_hidden = torch.mm(grad_rows, lora_b).mul_(ctx.scaling)  # [rows, r]
             grad_a = grad_b = grad_x = None
@@ -92,8 +93,8 @@ def _fused_function():
             if ctx.needs_input_grad[0]:
                 grad_x = ctx.linear(grad_out.contiguous(), weight.t())  # g W: the frozen base's input gradient
                 through_adapter = torch.mm(grad_hidden, lora_a)
-                if dropped is not None:
-                    through_adapter = torch.where(dropped, 0.0, through_adapter)
+                if mask is not None:
+                    through_adapter.mul_(mask)
                 grad_x.view(-1, grad_x.shape[-1]).add_(through_adapter, alpha=ctx.keep_scale)
             return grad_x, None, None, grad_a, grad_b, None, None, None
 

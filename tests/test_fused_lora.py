@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lyra import fused_lora
-from lyra.fused_lora import dropped_mask, fuse_lora_layers, uses_fused_lora
+from lyra.fused_lora import fuse_lora_layers, kept_mask, uses_fused_lora
 
 
 def _tiny_lora_qwen3(lora_dropout: float, **lora_kwargs):
@@ -79,13 +79,14 @@ def test_with_dropout_the_fused_node_is_peft_math_under_its_mask(monkeypatch):
     lora_a = torch.randn(3, 12, requires_grad=True)
     lora_b = torch.randn(10, 3, requires_grad=True)
     masks = []
-    monkeypatch.setattr(fused_lora, "dropped_mask", lambda shape, p: masks.append(dropped_mask(shape, p)) or masks[-1])
+    monkeypatch.setattr(fused_lora, "kept_mask", lambda shape, p: masks.append(kept_mask(shape, p)) or masks[-1])
     out = fused_lora._fused_function().apply(x, weight, bias, lora_a, lora_b, 2.0, 0.25, torch.nn.functional.linear)
     grad_out = torch.randn_like(out)
     fused = torch.autograd.grad(out, (x, lora_a, lora_b), grad_out)
-    (dropped,) = masks
-    assert dropped.shape == (14, 12) and dropped.dtype == torch.bool and 0 < int(dropped.sum()) < 14 * 12
-    kept = x * (~dropped).view(2, 7, 12) / 0.75
+    (mask,) = masks
+    assert mask.shape == (14, 12) and mask.dtype == torch.uint8 and 0 < int(mask.sum()) < 14 * 12
+    assert set(mask.unique().tolist()) == {0, 1}
+    kept = x * mask.view(2, 7, 12).bool() / 0.75
     reference = torch.nn.functional.linear(x, weight, bias) + (kept @ lora_a.t() @ lora_b.t()) * 2.0
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     for got, want in zip(fused, torch.autograd.grad(reference, (x, lora_a, lora_b), grad_out)):
@@ -93,17 +94,20 @@ def test_with_dropout_the_fused_node_is_peft_math_under_its_mask(monkeypatch):
 
 
 def test_the_dropout_mask_drops_p_and_repeats_under_a_seed():
+    def dropped(shape, p):
+        return kept_mask(shape, p) == 0
+
     torch.manual_seed(3)
-    first = dropped_mask((400, 500), 0.05)
+    first = dropped((400, 500), 0.05)
     torch.manual_seed(3)
-    assert torch.equal(dropped_mask((400, 500), 0.05), first)  # trainer.seed makes a run repeat
-    assert not torch.equal(dropped_mask((400, 500), 0.05), first)  # each call its own mask
+    assert torch.equal(dropped((400, 500), 0.05), first)  # trainer.seed makes a run repeat
+    assert not torch.equal(dropped((400, 500), 0.05), first)  # each call its own mask
     rate = first.float().mean().item()
     assert abs(rate - 0.05) < 4 * (0.05 * 0.95 / first.numel()) ** 0.5  # within 4 sigma of p
-    assert abs(dropped_mask((200_000,), 0.5).float().mean().item() - 0.5) < 0.005
-    odd = dropped_mask((3, 5), 0.3)  # an odd element count: 64-bit draws split in two
-    assert odd.shape == (3, 5)
-    assert not dropped_mask((1000,), 1e-12).any()  # a p too small for 32 bits: nothing dropped, no overflow
+    assert abs(dropped((200_000,), 0.5).float().mean().item() - 0.5) < 0.005
+    odd = kept_mask((3, 5), 0.3)  # an odd element count: 64-bit draws split in two
+    assert odd.shape == (3, 5) and odd.dtype == torch.uint8
+    assert not dropped((1000,), 1e-12).any()  # a p too small for 32 bits: nothing dropped, no overflow
 
 
 def test_with_dropout_training_is_seeded_and_differs_from_no_dropout():
