@@ -3,13 +3,15 @@
 `lyra.train` calls two things from here:
 
     resume_from = resolve_resume(cfg.resume, cfg.overwrite, run_dir, cfg.lora)   # before anything heavy
-    with guard_training(trainer, run_dir, cfg):                                  # around trainer.train()
-        trainer.train(resume_from_checkpoint=resume_from)
+    with guard_training(trainer, run_dir, cfg):                                  # around training
+        result = train_from(trainer, resume_from)                               # trainer.train, or no step
 
 - `resume=auto` continues from the newest *complete* checkpoint in `<run_dir>/checkpoints`;
   `resume=never` refuses a dir with earlier results unless `overwrite=true`; any other value is a
   run dir or a checkpoint to continue from. The Trainer restores weights, optimizer, scheduler,
-  RNG state and the data order (it skips the batches already seen in the current epoch).
+  RNG state and the data order (it skips the batches already seen in the current epoch). From a
+  checkpoint already at `trainer.max_steps` (a kill after the last checkpoint, before `adapter/`),
+  `train_from` takes no step: the Trainer alone would take one past max_steps.
 - Checkpoints are written under `checkpoints/.partial/` and renamed into place, so a process
   killed while saving leaves no `checkpoint-N` that looks usable. Leftovers are reported and
   removed; a `checkpoint-N` missing files (written by plain transformers) is reported and skipped.
@@ -201,6 +203,37 @@ def resolve_resume(resume: str, overwrite: bool, run_dir: Path, lora_cfg: DictCo
     log.info("resuming from %s (step %d): weights, optimizer, scheduler, RNG and data order restored",
              checkpoint, _step(checkpoint))
     return str(checkpoint)
+
+
+def train_from(trainer, checkpoint: str | None):
+    """`trainer.train(resume_from_checkpoint=checkpoint)`, except from a checkpoint already at trainer.max_steps.
+
+    The Trainer checks max_steps only after a step, so resuming there would train step N+1 of N and
+    end one update away from the uninterrupted run. Here the checkpoint's weights and state are loaded
+    as the Trainer loads them, the end-of-training callbacks run (persona probes), and no step is taken:
+    the adapter is the uninterrupted run's bit for bit. train_loss, which the Trainer keeps only in
+    memory, is recomputed from the checkpoint's logged losses (each weighted by its logging window).
+    """
+    step = _step(Path(checkpoint)) if checkpoint else None
+    max_steps = trainer.args.max_steps
+    if step is None or max_steps <= 0 or step < max_steps:  # epoch-based runs end by epochs, not one step past
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    log.info("%s is at step %d of trainer.max_steps=%d: nothing left to train; its weights are the run's final ones "
+             "(raise trainer.max_steps to train further)", checkpoint, step, max_steps)
+    if step > max_steps:
+        log.warning("%s is past trainer.max_steps=%d: its step-%d weights are kept as they are", checkpoint, max_steps,
+                    step)
+    trainer._load_from_checkpoint(checkpoint)  # the adapter, exactly as trainer.train(resume_from_checkpoint=...)
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    trainer.control = trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry and "step" in entry]
+    windows = [entry["step"] - before["step"] for before, entry in zip([{"step": 0}, *logged], logged)]
+    train_loss = sum(entry["loss"] * window for entry, window in zip(logged, windows)) / sum(windows) if logged else None
+    return TrainOutput(trainer.state.global_step, train_loss, {"train_runtime": 0.0, "train_loss": train_loss})
 
 
 # ------------------------------------------------------------------------------ atomic checkpoints

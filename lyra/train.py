@@ -90,7 +90,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # once the config is known to be good, so a bad value or an unreachable hub answers in seconds.
     from transformers import set_seed
 
-    from lyra.checkpointing import guard_training, keep_adapter_after_training, resolve_resume, save_adapter
+    from lyra.checkpointing import (guard_training, keep_adapter_after_training, resolve_resume, save_adapter,
+                                    train_from)
     from lyra.probes import PersonaProbeCallback
     from lyra.tracking import WandbLogCallback, closed_on_failure, finish_run, start_run
     from lyra.data.collate import SHARED_ROW_LENGTHS
@@ -157,7 +158,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                         max_row_tokens=SHARED_ROW_LENGTHS * cfg.data.max_length, callbacks=callbacks)
 
             with guard_training(trainer, run_dir, cfg):  # atomic checkpoints; signals, OOM and crashes keep the adapter
-                result = trainer.train(resume_from_checkpoint=resume_from)
+                result = train_from(trainer, resume_from)  # from a checkpoint at max_steps: no step past it
             adapter_dir = run_dir / "adapter"
             if trainer.is_world_process_zero():
                 save_adapter(trainer, adapter_dir)  # first: nothing after this line can cost the trained weights
@@ -181,7 +182,9 @@ def collect_metrics(trainer, result, splits, probes, args, trainable_params: int
         "global_step": trainer.state.global_step,
         "train_runtime": result.metrics["train_runtime"],
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "tokens_per_second": trainer.state.num_input_tokens_seen / result.metrics["train_runtime"],
+        # None when this call trained no step (resumed from a checkpoint at trainer.max_steps)
+        "tokens_per_second": (trainer.state.num_input_tokens_seen / result.metrics["train_runtime"]
+                              if result.metrics["train_runtime"] else None),
         "trainable_params": trainable_params,
         "total_params": total_params,
         "train_examples": len(splits.train),

@@ -300,3 +300,24 @@ def test_rerunning_a_finished_run_is_refused_instead_of_overwriting_its_metrics(
     assert str(error.value) == (f"resume: {run_dir} already finished at step 8; use overwrite=true to retrain, "
                                 f"resume={checkpoint} with more trainer.max_steps to train further, or another dir")
     assert resolve_resume(str(checkpoint), False, run_dir, lora()) == str(checkpoint)
+
+
+def test_a_run_killed_after_its_last_checkpoint_ends_with_that_checkpoint_bit_for_bit(smoke_run, run_with_checkpoints,
+                                                                                     caplog):
+    """A kill after checkpoint-8 (= trainer.max_steps) and before adapter/ is saved: the rerun takes no step
+    (the Trainer alone would take step 9 of 8: it checks max_steps only after a step) and ends with the
+    uninterrupted run's adapter and metrics."""
+    from conftest import smoke_overrides
+    from lyra.train import train
+
+    caplog.set_level("INFO", logger="lyra.checkpointing")
+    metrics = train(compose(smoke_overrides(run_with_checkpoints)))
+    checkpoint = run_with_checkpoints / "checkpoints" / "checkpoint-8"
+    assert f"{checkpoint} is at step 8 of trainer.max_steps=8: nothing left to train" in caplog.text
+    assert metrics["global_step"] == 8
+    assert max_difference(adapter_weights(run_with_checkpoints / "adapter"), adapter_weights(smoke_run / "adapter")) == 0
+    reference = json.loads((smoke_run / "metrics.json").read_text())
+    for key in ("final_train_loss", "tokens_seen", "eval_loss", "self_name_rate", "address_rate"):
+        assert metrics[key] == reference[key], key
+    assert metrics["train_loss"] == pytest.approx(reference["train_loss"], abs=1e-4)  # from the logged losses
+    assert metrics["train_runtime"] == 0 and metrics["tokens_per_second"] is None  # no step in this call
