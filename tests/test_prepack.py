@@ -104,6 +104,41 @@ def _tiny_lora_qwen3():
     return model.train()
 
 
+def test_q_k_v_and_gate_up_run_as_one_product_with_each_members_own_output(monkeypatch):
+    """Siblings that read the same input share one stacked product (PEFT LoRA layers' bases included):
+    the logits equal the one-product-per-layer packing bit for bit, nothing is held between calls,
+    and a member called with another input computes its own product, never a sibling's stale slice."""
+    from lyra import prepack
+    from lyra.prepack import prepack_linears, release_packs
+
+    model = _tiny_lora_qwen3().eval()
+    ids = torch.randint(0, 97, (2, 9))
+    monkeypatch.setattr(prepack, "SIBLING_GROUPS", ())
+    report = prepack_linears(model)
+    assert report.sibling_sets == 0
+    with torch.inference_mode():  # a prompt's rows, and one row as in decoding
+        separate = [model(input_ids=ids).logits, model(input_ids=ids[:, :1]).logits]
+    prepack.unpack_linears(model)
+    monkeypatch.undo()
+    report = prepack_linears(model)
+    assert report.sibling_sets == 4 and "4 q/k/v and gate/up sets" in str(report)  # 2 layers x (q/k/v, gate/up)
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, separate[0])
+        assert torch.equal(model(input_ids=ids[:, :1]).logits, separate[1])
+    attention = model.base_model.model.model.layers[0].self_attn
+    q_proj, k_proj = attention.q_proj.base_layer, attention.k_proj
+    siblings = k_proj._lyra_siblings
+    assert q_proj._lyra_siblings is siblings and siblings.input is None and not siblings.pending
+    first, second = torch.randn(3, 64), torch.randn(3, 64)
+    with torch.no_grad():
+        q_proj(first)  # k's and v's slices for `first` wait
+        assert siblings.input is first and set(siblings.pending) == {1, 2}
+        torch.testing.assert_close(k_proj(second), torch.nn.functional.linear(second, k_proj.weight), rtol=1e-5,
+                                   atol=1e-5)
+    linear_bytes = sum(module.weight.numel() * 4 for module in model.modules() if type(module) is torch.nn.Linear)
+    assert release_packs(model) == linear_bytes and siblings.packs == {} and siblings.input is None
+
+
 def _loss_and_lora_grads(model, ids):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
