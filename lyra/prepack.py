@@ -120,18 +120,20 @@ class _Siblings:
         self.members = members
         self.sizes = [member.out_features for member in members]
         self.packs: dict[tuple[int, ...], object] = {}
-        self.input, self.version, self.pending = None, None, {}
+        self.held = None  # (input, its version, {member index: output slice}), swapped whole: thread-safe
 
     def output(self, member, x):
         import torch
 
         index = self.members.index(member)
         version = None if x.is_inference() else x._version  # inference tensors keep no version counter
-        if x is self.input and version == self.version and index in self.pending:
-            out = self.pending.pop(index)
-            if not self.pending:
-                self.input = None  # every sibling took its slice: hold nothing between calls
-            return out
+        held = self.held  # read once: a call from another thread replaces the tuple, never edits ours
+        if held is not None and x is held[0] and version == held[1]:
+            out = held[2].pop(index, None)
+            if out is not None:
+                if not held[2]:
+                    self.held = None  # every sibling took its slice: hold nothing between calls
+                return out
         weights = [sibling.weight for sibling in self.members]
         key = tuple(weight.data_ptr() for weight in weights)
         packed = self.packs.get(key)
@@ -142,14 +144,13 @@ class _Siblings:
         biases = [sibling.bias for sibling in self.members]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         outputs = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").split(self.sizes, dim=-1)
-        self.pending = {i: out for i, out in enumerate(outputs) if i != index}
-        self.input, self.version = x, version
+        self.held = (x, version, {i: out for i, out in enumerate(outputs) if i != index})
         return outputs[index]
 
     def release(self) -> int:
         released = sum(packed.numel() * packed.element_size() for packed in self.packs.values())
         self.packs.clear()
-        self.input, self.pending = None, {}
+        self.held = None
         return released
 
 

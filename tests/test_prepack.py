@@ -128,15 +128,15 @@ def test_q_k_v_and_gate_up_run_as_one_product_with_each_members_own_output(monke
     attention = model.base_model.model.model.layers[0].self_attn
     q_proj, k_proj = attention.q_proj.base_layer, attention.k_proj
     siblings = k_proj._lyra_siblings
-    assert q_proj._lyra_siblings is siblings and siblings.input is None and not siblings.pending
+    assert q_proj._lyra_siblings is siblings and siblings.held is None
     first, second = torch.randn(3, 64), torch.randn(3, 64)
     with torch.no_grad():
         q_proj(first)  # k's and v's slices for `first` wait
-        assert siblings.input is first and set(siblings.pending) == {1, 2}
+        assert siblings.held[0] is first and set(siblings.held[2]) == {1, 2}
         torch.testing.assert_close(k_proj(second), torch.nn.functional.linear(second, k_proj.weight), rtol=1e-5,
                                    atol=1e-5)
     linear_bytes = sum(module.weight.numel() * 4 for module in model.modules() if type(module) is torch.nn.Linear)
-    assert release_packs(model) == linear_bytes and siblings.packs == {} and siblings.input is None
+    assert release_packs(model) == linear_bytes and siblings.packs == {} and siblings.held is None
 
 
 def _loss_and_lora_grads(model, ids):
