@@ -96,13 +96,26 @@ def _packed_forward(self, x):
         out = siblings.output(self, x)
         if out is not None:
             return out
-    key = weight.data_ptr()
-    packed = self._lyra_packs.get(key)
-    if packed is None:  # a weight swapped in by pointer (adapter_disabled): pack it once, keep both
-        if len(self._lyra_packs) >= MAX_PACKS_PER_LAYER:
-            return torch.nn.functional.linear(x, weight, self.bias)
-        packed = self._lyra_packs[key] = _pack(weight)
+    packed = _packed_once(self._lyra_packs, weight.data_ptr(), lambda: weight)
+    if packed is None:
+        return torch.nn.functional.linear(x, weight, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+
+
+def _packed_once(packs: dict, key, weight):
+    """The packed copy of `weight()` kept in `packs` under `key` (its data pointers), made on first use: a
+    weight swapped in by pointer (adapter_disabled) is packed once and both are kept. None when the layer
+    already keeps MAX_PACKS_PER_LAYER (the caller runs eager F.linear)."""
+    packed = packs.get(key)
+    if packed is None:
+        if len(packs) >= MAX_PACKS_PER_LAYER:
+            return None
+        packed = packs[key] = _pack(weight())
+    return packed
+
+
+def _packed_bytes(packs: dict) -> int:
+    return sum(packed.numel() * packed.element_size() for packed in packs.values())
 
 
 class _Siblings:
@@ -135,12 +148,10 @@ class _Siblings:
                     self.held = None  # every sibling took its slice: hold nothing between calls
                 return out
         weights = [sibling.weight for sibling in self.members]
-        key = tuple(weight.data_ptr() for weight in weights)
-        packed = self.packs.get(key)
+        packed = _packed_once(self.packs, tuple(weight.data_ptr() for weight in weights),
+                              lambda: torch.cat([weight.detach() for weight in weights]))
         if packed is None:
-            if len(self.packs) >= MAX_PACKS_PER_LAYER:
-                return None
-            packed = self.packs[key] = _pack(torch.cat([weight.detach() for weight in weights]))
+            return None
         biases = [sibling.bias for sibling in self.members]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         outputs = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").split(self.sizes, dim=-1)
@@ -148,7 +159,7 @@ class _Siblings:
         return outputs[index]
 
     def release(self) -> int:
-        released = sum(packed.numel() * packed.element_size() for packed in self.packs.values())
+        released = _packed_bytes(self.packs)
         self.packs.clear()
         self.held = None
         return released
@@ -299,7 +310,7 @@ def release_packs(model) -> int:
     for module in model.modules():
         packs = getattr(module, "_lyra_packs", None)
         if packs:
-            released += sum(packed.numel() * packed.element_size() for packed in packs.values())
+            released += _packed_bytes(packs)
             packs.clear()
         if "_lyra_siblings" in module.__dict__:
             siblings[id(module._lyra_siblings)] = module._lyra_siblings
