@@ -30,6 +30,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+from lyra.compiled_decode import compiled_decode_of
 from lyra.data.tokenization import chat_prompt_ids, turn_end_ids, with_system_prompt
 from lyra.errors import UserError
 
@@ -280,8 +281,14 @@ def generate_replies(prompts: Sequence[Sequence[int]], model, tokenizer, streame
     input_ids, attention_mask = left_padded(prompts, tokenizer.pad_token_id, _model_device(model))
     width = input_ids.shape[1]
     with torch.inference_mode():
+        # compile_decode=true (lyra.compiled_decode): a static cache its compiled step runs on, where this reply fits
+        decoder = compiled_decode_of(model)
+        cache = None
+        if decoder is not None and config.max_new_tokens:
+            cache = decoder.cache_for(len(prompts), width + config.max_new_tokens)
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                streamer=streamer, logits_processor=LogitsProcessorList(logits_processor or []))
+                                streamer=streamer, logits_processor=LogitsProcessorList(logits_processor or []),
+                                **({"cache": cache} if cache is not None else {}))
     replies = []
     for prompt, row in zip(prompts, output[:, width:].tolist()):
         end = next((i for i, token in enumerate(row) if token in stops), None)
