@@ -79,6 +79,8 @@ def check_engine_keys(cfg) -> None:
 
     check_engine(cfg.engine)
     check_gguf_type(cfg.gguf_type, key="gguf_type")
+    if not isinstance(cfg.compile_decode, bool):
+        raise UserError("compile_decode", f"must be true or false, got {cfg.compile_decode!r}")
 
 
 def llama_cpp_installed() -> bool:
@@ -496,14 +498,22 @@ def _parity_key(prompts, max_new_tokens: int, repetition_penalty: float, run) ->
 def open_app_engine(cfg, n_ctx: int, run=None):
     """(run, generation settings, engine) for an app's config (chat, web, serve): the run loaded as
     the app serves it (cfg.run_dir, adapter, device, prepack; `run` if given), then the engine
-    `open_engine` chooses for cfg.engine and cfg.gguf_type with a context of n_ctx tokens."""
+    `open_engine` chooses for cfg.engine and cfg.gguf_type with a context of n_ctx tokens, its decode
+    step compiled for that context when cfg.compile_decode and the engine is transformers."""
     from omegaconf import OmegaConf
 
+    from lyra.compiled_decode import compile_decode
     from lyra.runs import load_run
 
     run = run or load_run(cfg.run_dir, adapter=cfg.adapter, device=cfg.device, prepack=cfg.prepack)
     generation = OmegaConf.to_container(cfg.generation, resolve=True)
     engine = open_engine(run, cfg.engine, cfg.gguf_type, generation=generation, device=cfg.device, n_ctx=n_ctx)
+    if cfg.compile_decode:
+        if engine.name == "transformers":
+            log.info("compiling the decode step (compile_decode=true; ~1 min on 2 cores for SmolLM2) ...")
+            log.info("%s", compile_decode(run.model, run.tokenizer, max_length=n_ctx))
+        else:
+            log.info("compile_decode: not used, %s computes the replies", engine.name)
     return run, generation, engine
 
 
