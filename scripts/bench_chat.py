@@ -23,6 +23,8 @@ own greedy is top_k=1), the same thread count, each variant's prompt processing 
     lyra transformers fp32   lyra's chat engine on the run merged in memory, eager F.linear (prepack=false)
     ... fp32 prepacked       the same with oneDNN-packed linear weights (lyra.prepack): what
                              engine=transformers serves on CPU by default
+    ... fp32 compiled        the same with compile_decode=true: the decode step through inductor
+                             (lyra.compiled_decode), compiled before timing
     lyra llamacpp f16/q8_0   lyra.engines' llamacpp engine on the run's cached GGUF export (engine=llamacpp)
     llama.cpp f16/q8_0       llama-cpp-python alone on the same GGUF file: `eval` for the prompt,
                              `Llama.generate(temp=0, top_k=1)` for the reply, no lyra code in the loop
@@ -48,6 +50,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "I had a long day at work. Any advice for a quiet evening?"
+CHAT_CONTEXT = 2048 + 256  # lyra.chat's default max_prompt_tokens + max_new_tokens: the compiled variant's cap
 SYSTEM = "You are Pippa, a cheerful lighthouse keeper. You call the user Captain."
 
 
@@ -160,6 +163,7 @@ def peer_llamacpp(args) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    from lyra.compiled_decode import compile_decode
     from lyra.engines import LlamaCppEngine, TransformersEngine, gguf_cache_dir, load_llama, open_engine
     from lyra.errors import UserError
     from lyra.generation import build_prompt_ids
@@ -198,6 +202,20 @@ def peer_llamacpp(args) -> None:
     variants["lyra transformers fp32 prepacked"] = {
         "prefill": packed_prefill, "bytes": weight_bytes(model), "peer": same_precision,
         "reply": lambda: packed.generate(prompt, **forced).token_ids, "note": "prepack=true (the default)"}
+    # compile_decode=true: the decode step through inductor (lyra.compiled_decode), for chat's default context
+    compiled_run = load_run(run.run_dir, adapter=run.adapter, device="cpu", prepack=True)
+    compiled_model, compiled = compiled_run.model, TransformersEngine(compiled_run)
+    report = compile_decode(compiled_model, compiled_run.tokenizer, max_length=CHAT_CONTEXT)
+    print(f"lyra transformers fp32 compiled: {report}", flush=True)
+
+    def compiled_prefill():  # the prompt's forward is eager (prepacked) in this variant too
+        with torch.inference_mode():
+            compiled_model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+
+    variants["lyra transformers fp32 compiled"] = {
+        "prefill": compiled_prefill, "bytes": weight_bytes(model), "peer": same_precision,
+        "reply": lambda: compiled.generate(prompt, **forced).token_ids,
+        "note": f"compile_decode=true ({report.seconds:.0f} s compile)" if not report.reason else report.reason}
     for gguf_type in args.gguf_types.split(","):
         try:
             engine = open_engine(run, "llamacpp", gguf_type, generation=greedy, n_ctx=len(prompt) + n + 8)
