@@ -12,7 +12,7 @@ Here the decode step is compiled with inductor's freezing and max-autotune: the 
 constants packed for inductor's own C++ GEMM template, which streams a [1, in] x [in, out] product at
 ~28 GB/s on this machine's 2 cores (oneDNN ~20, MKL's gemv ~10), and the norms, rotary, residuals
 and cache writes between the products are fused into a few C++ loops. SmolLM2 fp32 greedy decodes
-~2x faster than prepack with the same tokens (docs/performance.md, "Replies";
+~1.9x faster than prepack with the same tokens (docs/performance.md, "Replies";
 tests/test_compiled_decode.py).
 
 What it costs, and the limits:
