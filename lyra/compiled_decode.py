@@ -130,9 +130,9 @@ class CompiledDecode:
         with self._lock:
             if bucket not in self.lengths:
                 self.lengths.add(bucket)
-                if len(self.lengths) > 1:
-                    log.info("compiling the decode step for a %d-token cache (this reply needs %d; once per "
-                             "process, ~a minute on 2 cores)", bucket, length)
+                if len(self.lengths) > 1:  # a warning: chat shows only those, and this reply waits for it
+                    log.warning("compiling the decode step for a %d-token cache (this reply needs %d; once per "
+                                "process, ~a minute on 2 cores)", bucket, length)
         cache = StaticCache(config=self.model.config, max_cache_len=bucket)
         setattr(cache, _MARK, True)
         return cache

@@ -510,7 +510,8 @@ def open_app_engine(cfg, n_ctx: int, run=None):
     engine = open_engine(run, cfg.engine, cfg.gguf_type, generation=generation, device=cfg.device, n_ctx=n_ctx)
     if cfg.compile_decode:
         if engine.name == "transformers":
-            log.info("compiling the decode step (compile_decode=true; ~1 min on 2 cores for SmolLM2) ...")
+            # a warning, so chat (which logs warnings only) says why nothing happens for a minute
+            log.warning("compiling the decode step (compile_decode=true; ~1 min on 2 cores for SmolLM2) ...")
             log.info("%s", compile_decode(run.model, run.tokenizer, max_length=n_ctx))
         else:
             log.info("compile_decode: not used, %s computes the replies", engine.name)
