@@ -144,7 +144,8 @@ class CompiledDecode:
         input_ids = kwargs.get("input_ids")
         if args or not getattr(cache, _MARK, False) or input_ids is None or input_ids.shape[1] != 1:
             return self.eager(*args, **kwargs)
-        _unmark_static(cache)
+        if hasattr(cache.layers[0].keys, "_dynamo_static_input_type"):  # once per cache: the prefill marked them
+            _unmark_static(cache)
         with _sdpa_gqa_with_mask(), torch._inductor.config.patch(INDUCTOR_SETTINGS):
             return self.compiled(**kwargs)
 

@@ -182,25 +182,24 @@ def peer_llamacpp(args) -> None:
     variants: dict[str, dict] = {}  # name: prefill(), reply() -> token ids, weight bytes, notes
     model = run.model
 
-    def hf_prefill():
-        with torch.inference_mode():
-            model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+    def prefill_of(model):
+        """The prompt's forward alone, empty KV cache (a compiled variant's prefill is eager too)."""
+        def prefill():
+            with torch.inference_mode():
+                model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+        return prefill
 
     transformers = TransformersEngine(run)
     same_precision = "llama.cpp f32" if "f32" in args.gguf_types.split(",") else "llama.cpp f16"
-    variants["lyra transformers fp32"] = {"prefill": hf_prefill, "bytes": weight_bytes(model), "peer": same_precision,
-                                          "reply": lambda: transformers.generate(prompt, **forced).token_ids,
-                                          "note": "merged in memory, prepack=false"}
+    variants["lyra transformers fp32"] = {
+        "prefill": prefill_of(model), "bytes": weight_bytes(model), "peer": same_precision,
+        "reply": lambda: transformers.generate(prompt, **forced).token_ids, "note": "merged in memory, prepack=false"}
     # the same run as chat, web and serve load it by default on CPU: oneDNN-packed linears (lyra.prepack)
     packed_run = load_run(run.run_dir, adapter=run.adapter, device="cpu", prepack=True)
     packed_model, packed = packed_run.model, TransformersEngine(packed_run)
 
-    def packed_prefill():
-        with torch.inference_mode():
-            packed_model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
-
     variants["lyra transformers fp32 prepacked"] = {
-        "prefill": packed_prefill, "bytes": weight_bytes(model), "peer": same_precision,
+        "prefill": prefill_of(packed_model), "bytes": weight_bytes(model), "peer": same_precision,
         "reply": lambda: packed.generate(prompt, **forced).token_ids, "note": "prepack=true (the default)"}
     # compile_decode=true: the decode step through inductor (lyra.compiled_decode), for chat's default context
     compiled_run = load_run(run.run_dir, adapter=run.adapter, device="cpu", prepack=True)
@@ -208,12 +207,8 @@ def peer_llamacpp(args) -> None:
     report = compile_decode(compiled_model, compiled_run.tokenizer, max_length=CHAT_CONTEXT)
     print(f"lyra transformers fp32 compiled: {report}", flush=True)
 
-    def compiled_prefill():  # the prompt's forward is eager (prepacked) in this variant too
-        with torch.inference_mode():
-            compiled_model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
-
     variants["lyra transformers fp32 compiled"] = {
-        "prefill": compiled_prefill, "bytes": weight_bytes(model), "peer": same_precision,
+        "prefill": prefill_of(compiled_model), "bytes": weight_bytes(model), "peer": same_precision,
         "reply": lambda: compiled.generate(prompt, **forced).token_ids,
         "note": f"compile_decode=true ({report.seconds:.0f} s compile)" if not report.reason else report.reason}
     for gguf_type in args.gguf_types.split(","):
