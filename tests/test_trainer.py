@@ -46,12 +46,19 @@ def make_trainers(setup, tmp_path, **arg_overrides):
 
 
 class HeadRows:
-    """Counts the rows the LM head produces logits for."""
+    """Counts the rows the LM head produces logits for, and the rows the last layer's MLP computes."""
 
     def __init__(self, model):
         self.rows: list[int] = []
-        self.handle = model.get_output_embeddings().register_forward_hook(
-            lambda _m, _i, out: self.rows.append(out.shape[:-1].numel()))
+        self.mlp_rows: list[int] = []
+        self.handles = [model.get_output_embeddings().register_forward_hook(
+                            lambda _m, _i, out: self.rows.append(out.shape[:-1].numel())),
+                        model.get_base_model().model.layers[-1].mlp.register_forward_hook(
+                            lambda _m, _i, out: self.mlp_rows.append(out.shape[:-1].numel()))]
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
 
 
 def full_logits_ce_sums(model, batches) -> list[float]:
@@ -89,10 +96,11 @@ def test_supervised_loss_equals_full_logits_loss_across_gradient_accumulation(se
 
     head = HeadRows(model)
     lyra_losses, lyra_grads = accumulate(lyra, model, batches)
-    head.handle.remove()
+    head.remove()
     stock_losses, stock_grads = accumulate(stock, model, batches)
 
     assert head.rows == counts  # logits only at supervised positions, never batch x seq
+    assert head.mlp_rows == counts  # and the last layer's MLP, whose output feeds only the head
     assert len(lyra_grads) == 8 and all(g.abs().sum() > 0 for g in lyra_grads.values())  # q/v A and B, 2 layers
     # the fused loss sums the softmax gradient in another order (both within ~3e-9 of an fp64 reference
     # at the head's input); the random tiny model's norms amplify that to ~1e-3 of the largest LoRA grad
@@ -111,12 +119,12 @@ def test_eval_loss_uses_supervised_logits_and_matches_stock(setup, tmp_path):
     lyra, stock = make_trainers(setup, tmp_path)
     head = HeadRows(model)
     lyra_eval = lyra.evaluate()["eval_loss"]
-    head.handle.remove()
+    head.remove()
     stock_eval = stock.evaluate()["eval_loss"]
     assert lyra_eval == pytest.approx(stock_eval, abs=1e-5)
     supervised = sum(int((shifted_targets(torch.tensor(e["labels"])) != IGNORE_INDEX).sum())
                      for e in splits.eval.select(range(EVAL_EXAMPLES)))
-    assert sum(head.rows) == supervised
+    assert sum(head.rows) == supervised == sum(head.mlp_rows)
 
 
 def test_full_logits_when_predictions_are_requested(setup, tmp_path):
