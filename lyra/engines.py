@@ -512,7 +512,8 @@ def open_app_engine(cfg, n_ctx: int, run=None):
         if engine.name == "transformers":
             # a warning, so chat (which logs warnings only) says why nothing happens for a minute
             log.warning("compiling the decode step (compile_decode=true; ~1 min on 2 cores for SmolLM2) ...")
-            log.info("%s", compile_decode(run.model, run.tokenizer, max_length=n_ctx))
+            report = compile_decode(run.model, run.tokenizer, max_length=n_ctx)
+            (log.warning if report.reason else log.info)("%s", report)  # asked for and not done: chat shows it
         else:
             log.info("compile_decode: not used, %s computes the replies", engine.name)
     return run, generation, engine

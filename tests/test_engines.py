@@ -168,6 +168,23 @@ def test_auto_without_llama_cpp_says_what_installing_it_gives_on_cpu(engine_run,
         assert "auto: llama-cpp-python is not installed" in line and (hint in line) is not quantized
 
 
+def test_compile_decode_that_cannot_compile_says_why_as_a_warning(engine_run, caplog):
+    """compile_decode=true on a run it cannot compile (the smoke run's 4-bit base): the reason is a
+    warning, which chat shows (it shows warnings only), and replies stay on the eager engine."""
+    from omegaconf import OmegaConf
+
+    from lyra.compiled_decode import compiled_decode_of
+    from lyra.engines import open_app_engine
+
+    cfg = OmegaConf.create({"engine": "transformers", "gguf_type": "f16", "compile_decode": True, "generation": GREEDY,
+                            "device": None})
+    with caplog.at_level("INFO", logger="lyra.engines"):
+        _, _, engine = open_app_engine(cfg, n_ctx=256, run=engine_run)
+    assert engine.name == "transformers" and compiled_decode_of(engine_run.model) is None
+    reasons = [r for r in caplog.records if r.getMessage().startswith("decode not compiled: ")]
+    assert [r.levelname for r in reasons] == ["WARNING"] and "quantized" in reasons[0].getMessage()
+
+
 @needs_llama_cpp
 def test_llamacpp_releases_the_transformers_models_packed_copies(engine_run, llamacpp, caplog):
     """Chat, web and serve load the run prepacked; once llama.cpp serves, transformers answers only the
