@@ -28,6 +28,13 @@ What it costs, and the limits:
 - **Which replies.** Batch 1 (chat, web, serve; evaluate's batches decode eagerly), no autograd,
   float weights on CPU. A weight swapped or edited after compiling (the web page's base toggle,
   an adapter switch) sends replies back to the eager path, never to stale constants.
+- **Guards.** dynamo checks ~1.5-2 ms of guards (the weights, the modules, the arguments) before every
+  call. A reply's first two steps check them all (and compile a new cache length where needed); from
+  the third, while a step's arguments have the same kinds as the last's (`_step_signature`), only the
+  guards that tell the compiled graphs apart run (`skip_guard_eval_unsafe`: the cache length, the
+  model). What the skipped ones check holds by construction: the weights are checked once per reply
+  (below), and the apps hold their model lock for a whole reply. ~1.03-1.05x per reply (paired,
+  docs/performance.md). The stance is process-global, so every compiled step takes one lock.
 - **Numerics.** Another summation order than eager's, so logits differ in the last bits; greedy
   replies are token-identical on SmolLM2's real weights (tested), which is what a user sees.
 - inductor needs a C++ compiler; without one `compile_decode` says why and replies decode eagerly.
@@ -51,6 +58,14 @@ COMPILE_DTYPES = ("float32", "bfloat16")
 # each compiled call (torch.compile's options= does not reach freezing), so other compiles keep theirs.
 INDUCTOR_SETTINGS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 _MARK = "lyra_compiled_decode"  # attribute on a model that decodes compiled, and on the caches it made
+_STEPS = "lyra_compiled_steps"  # attribute on such a cache: (compiled steps run on it, the last step's signature)
+# A reply's first steps on a cache check dynamo's guards in full (and compile where needed); after that,
+# while the step's signature stays the same, only the guards that tell compiled graphs apart
+# (CompiledDecode.forward). Two: the first step after the prefill is the one that differs, if any does.
+GUARDED_STEPS = 2
+# Around every compiled step, in every thread: torch's stance that skips guards is process-global, so no
+# compiled step may start while another runs under it (the apps decode one reply at a time anyway)
+_STEP_LOCK = threading.RLock()
 
 
 @dataclass
@@ -115,6 +130,7 @@ class CompiledDecode:
         self.compiled = torch.compile(self.eager, fullgraph=True, dynamic=False)
         self.weights = _weights_key(self.model)
         self.lengths: set[int] = set()
+        self.unguarded_steps = 0  # steps that checked only the guards telling graphs apart (tests read it)
         self._lock = threading.Lock()
 
     def cache_for(self, batch: int, length: int):
@@ -146,8 +162,36 @@ class CompiledDecode:
             return self.eager(*args, **kwargs)
         if hasattr(cache.layers[0].keys, "_dynamo_static_input_type"):  # once per cache: the prefill marked them
             _unmark_static(cache)
-        with _sdpa_gqa_with_mask(), torch._inductor.config.patch(INDUCTOR_SETTINGS):
+        steps, last = getattr(cache, _STEPS, (0, None))
+        signature = _step_signature(kwargs)
+        unguarded = steps >= GUARDED_STEPS and signature == last
+        setattr(cache, _STEPS, (steps + 1, signature))
+        with _STEP_LOCK, _sdpa_gqa_with_mask(), torch._inductor.config.patch(INDUCTOR_SETTINGS), \
+                torch.compiler.set_stance("default", skip_guard_eval_unsafe=unguarded):
+            self.unguarded_steps += unguarded
             return self.compiled(**kwargs)
+
+
+def _step_signature(kwargs) -> tuple:
+    """What a decode step's guards could see change from one step of a reply to the next: each argument's
+    kind (a tensor's shape, dtype and device; any other value itself, or its identity) and the grad
+    modes. Tensor values (the token, its position) are graph inputs and never guarded. The weights are
+    checked once per reply (`cache_for`), and the apps hold their model lock for the whole reply."""
+    import torch
+
+    def kind(value):
+        if torch.is_tensor(value):
+            return value.shape, value.dtype, value.device
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, dict):  # transformers' masks come as {layer type: mask}, a new dict each step
+            return dict, tuple((key, kind(item)) for key, item in sorted(value.items()))
+        if isinstance(value, (list, tuple)):
+            return type(value), tuple(kind(item) for item in value)
+        return type(value), id(value)
+
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            *((key, kind(value)) for key, value in sorted(kwargs.items())))
 
 
 def _unmark_static(cache) -> None:

@@ -52,10 +52,13 @@ def test_greedy_replies_on_real_smollm2_weights_are_token_identical(smollm2_comp
     from lyra.generation import generate_replies
 
     model, prompts, eager = smollm2_compiled
-    calls = _count_compiled_steps(compiled_decode_of(model))
+    decoder = compiled_decode_of(model)
+    calls, unguarded = _count_compiled_steps(decoder), decoder.unguarded_steps
     compiled = [generate_replies([ids], model, smollm2_tokenizer, **SETTINGS)[0].token_ids for ids in prompts]
     assert compiled == eager and min(len(ids) for ids in eager) > 8
     assert calls[0] == sum(len(ids) for ids in compiled) - len(compiled)  # every step after the prompt's
+    # all but each reply's first GUARDED_STEPS ran with only the guards that tell graphs apart
+    assert decoder.unguarded_steps - unguarded == calls[0] - 2 * len(compiled)
 
 
 def test_a_swapped_or_edited_weight_sends_replies_back_to_the_eager_path(smollm2_compiled, smollm2_tokenizer):
@@ -116,6 +119,46 @@ def test_two_models_in_one_process_each_answer_with_their_own_weights(tokenizer)
     for _ in range(2):  # alternating, as two runs served from one process would
         assert [generate_replies([prompt], model, tokenizer, **settings)[0].token_ids for model in models] == eager
     assert [count[0] for count in calls] == [22, 22]
+    # most of those steps skipped the full guards: the graphs were still told apart by model
+    assert [compiled_decode_of(model).unguarded_steps for model in models] == [18, 18]
+
+
+def test_cache_lengths_each_get_their_own_graph_reply_after_reply(tokenizer):
+    """A long reply compiles the next cache length; replies then alternate between the two graphs,
+    each step past a reply's first two checking only the guards that tell them apart (the length)."""
+    from lyra.compiled_decode import compile_decode, compiled_decode_of
+    from lyra.generation import generate_replies
+
+    model = _tiny_qwen3(3)
+    short = tokenizer("Hello there, who are you?")["input_ids"]
+    long = (tokenizer("Tell me about the sea and the ships. ")["input_ids"] * 60)[:600]  # needs the 1024 cache
+    settings = {"do_sample": False, "max_new_tokens": 8, "min_new_tokens": 8}
+    eager = [generate_replies([ids], model, tokenizer, **settings)[0].token_ids for ids in (short, long)]
+    assert not compile_decode(model, tokenizer, max_length=1024).reason
+    decoder = compiled_decode_of(model)
+    for _ in range(2):
+        assert [generate_replies([ids], model, tokenizer, **settings)[0].token_ids for ids in (short, long)] == eager
+    assert decoder.lengths == {512, 1024} and decoder.unguarded_steps == 4 * (7 - 2)
+
+
+def test_a_step_that_differs_from_the_last_checks_every_guard():
+    """The step signature sees what guards would: another shape, dtype or grad mode is another step."""
+    from lyra.compiled_decode import _step_signature
+
+    step = {"input_ids": torch.tensor([[5]]), "cache_position": torch.tensor([7]), "use_cache": True,
+            "attention_mask": {"full_attention": torch.ones(1, 1, 1, 512, dtype=torch.bool)}}
+    with torch.inference_mode():
+        same = _step_signature(step)
+        assert _step_signature({**step, "input_ids": torch.tensor([[9]])}) == same  # values are graph inputs
+        assert _step_signature({**step, "attention_mask": {"full_attention": torch.zeros(1, 1, 1, 512,
+                                                                                         dtype=torch.bool)}}) == same
+        assert _step_signature({**step, "attention_mask": {"full_attention": torch.ones(1, 1, 1, 1024,
+                                                                                        dtype=torch.bool)}}) != same
+        assert _step_signature({**step, "input_ids": torch.tensor([[5, 6]])}) != same
+        assert _step_signature({**step, "cache_position": torch.tensor([7.0])}) != same
+        assert _step_signature({**step, "use_cache": False}) != same
+        assert _step_signature({**step, "logits_to_keep": 1}) != same
+    assert _step_signature(step) != same  # autograd on
 
 
 def test_where_it_cannot_compile_it_says_why_and_replies_stay_eager(tokenizer):
