@@ -29,13 +29,15 @@ own greedy is top_k=1), the same thread count, each variant's prompt processing 
     llama.cpp f16/q8_0       llama-cpp-python alone on the same GGUF file: `eval` for the prompt,
                              `Llama.generate(temp=0, top_k=1)` for the reply, no lyra code in the loop
 Prefill tok/s = prompt tokens / the prompt's forward pass (KV cache empty). Decode tok/s = new tokens /
-(reply time - prefill time). The bound is the read bandwidth (best-of-N torch `sum` over a 1 GiB fp32
+(reply time - prefill time). The bound is the read bandwidth (best-of-N torch `sum` over an fp32
 buffer) over the variant's weight bytes (the GGUF file; the fp32 parameters): decode can at best read
-every weight once per token. Each lyra row shows its decode ratio to llama.cpp on the same file (the
-transformers rows: to llama.cpp f32 when --gguf-types has it, else f16) and whether its reply's ids
-equal llama.cpp f16's and the eager transformers row's. Each round starts
-one variant later than the last. On a machine shared with other work, llama.cpp's spinning threads
-suffer most: --threads below the core count and more --repeats steady the medians.
+every weight once per token. A VM's bandwidth moves with its neighbours, so it is read at the start
+and again before every round, and the bound takes the median of those readings (all in the JSON).
+Each lyra row shows its decode ratio to llama.cpp on the same file (the transformers rows: to
+llama.cpp f32 when --gguf-types has it, else f16) and whether its reply's ids equal llama.cpp f16's
+and the eager transformers row's. Each round starts one variant later than the last. On a machine
+shared with other work, llama.cpp's spinning threads suffer most: --threads below the core count and
+more --repeats steady the medians.
 """
 
 from __future__ import annotations
@@ -173,7 +175,9 @@ def peer_llamacpp(args) -> None:
     if args.threads:  # after load_run, which sets torch's threads to the cores idle at its start
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()  # the llamacpp engine takes torch's count; the raw peer gets it too
-    read_gbps = read_bandwidth()  # with those threads: one core alone may not saturate memory
+    # with those threads (one core alone may not saturate memory); read again at every round's start,
+    # because a VM's bandwidth moves with its neighbours (seen here: 38 to 72 GB/s within minutes)
+    read_readings = [read_bandwidth()]
     prompt = build_prompt_ids(PROMPT, run.tokenizer, system_prompt=run.system_prompt)
     n = args.tokens
     forced = {"do_sample": False, "repetition_penalty": 1.0, "max_new_tokens": n, "min_new_tokens": n}
@@ -259,6 +263,7 @@ def peer_llamacpp(args) -> None:
     replies = {}
     names = list(variants)
     for round_index in range(args.repeats):
+        read_readings.append(read_bandwidth(size_bytes=1 << 29, repeats=3))
         # each round starts one variant later: no variant always follows the same neighbour
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
@@ -269,6 +274,7 @@ def peer_llamacpp(args) -> None:
             start = time.perf_counter()
             replies[name] = variant["reply"]()
             reply_s[name].append(time.perf_counter() - start)
+    read_gbps = statistics.median(read_readings)  # the bound's bandwidth: the run's typical reading, like the tok/s
     rows = {}
     for name, variant in variants.items():
         prefill, reply = statistics.median(prefill_s[name]), statistics.median(reply_s[name])
@@ -283,8 +289,11 @@ def peer_llamacpp(args) -> None:
         peer_row = rows.get(row["peer"]) if row["peer"] else None
         row["decode_vs_llamacpp"] = round(row["decode_tok_s"] / peer_row["decode_tok_s"], 3) if peer_row else None
         row["prefill_vs_llamacpp"] = round(row["prefill_tok_s"] / peer_row["prefill_tok_s"], 3) if peer_row else None
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} threads (torch and "
-          f"llama.cpp); load average {os.getloadavg()[0]:.2f}; read bandwidth {read_gbps:.1f} GB/s (torch sum, 1 GiB)")
+    print(f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), torch "
+          f"{torch.__version__}, {threads} threads (torch and llama.cpp); load average {os.getloadavg()[0]:.2f}; "
+          f"read bandwidth {read_gbps:.1f} GB/s (torch sum, "
+          f"median of {len(read_readings)} readings, one per round and one at the start: "
+          f"{min(read_readings):.1f} to {max(read_readings):.1f})")
     print(f"{run.run_dir}: greedy, {n} new tokens forced, prompt {len(prompt)} tokens, median of {args.repeats} "
           f"round-robin rounds, each starting one variant later")
     header = (f"{'variant':<34}{'prefill tok/s':>14}{'decode tok/s':>13}{'vs llama.cpp':>13}{'weights MB':>11}"
@@ -299,7 +308,9 @@ def peer_llamacpp(args) -> None:
               f"{'yes' if row['same_reply_as_transformers'] else 'NO':<4}  {row['note']}")
     print(f"reply (llama.cpp f16): {run.tokenizer.decode(replies.get('llama.cpp f16', []), skip_special_tokens=True)!r}")
     if args.json:
-        print(json.dumps({"read_gbps": read_gbps, "threads": threads, "tokens": n, "prompt_tokens": len(prompt),
+        print(json.dumps({"read_gbps": read_gbps, "read_gbps_readings": [round(r, 1) for r in read_readings],
+                          "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads,
+                          "tokens": n, "prompt_tokens": len(prompt),
                           "repeats": args.repeats, "load_average": os.getloadavg()[0], "rows": list(rows.values())}))
 
 
