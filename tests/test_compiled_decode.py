@@ -48,7 +48,7 @@ def smollm2_compiled(smollm2_dir, smollm2_tokenizer):
 def test_greedy_replies_on_real_smollm2_weights_are_token_identical(smollm2_compiled, smollm2_tokenizer):
     """What a user sees: the same greedy reply, token for token, for prompts of three lengths, each on
     a fresh cache of the same compiled length (a graph bound to the first cache would fail or drift)."""
-    from lyra.compiled_decode import compiled_decode_of
+    from lyra.compiled_decode import GUARDED_STEPS, compiled_decode_of
     from lyra.generation import generate_replies
 
     model, prompts, eager = smollm2_compiled
@@ -58,13 +58,13 @@ def test_greedy_replies_on_real_smollm2_weights_are_token_identical(smollm2_comp
     assert compiled == eager and min(len(ids) for ids in eager) > 8
     assert calls[0] == sum(len(ids) for ids in compiled) - len(compiled)  # every step after the prompt's
     # all but each reply's first GUARDED_STEPS ran with only the guards that tell graphs apart
-    assert decoder.unguarded_steps - unguarded == calls[0] - 2 * len(compiled)
+    assert decoder.unguarded_steps - unguarded == calls[0] - GUARDED_STEPS * len(compiled)
 
 
 def test_a_swapped_or_edited_weight_sends_replies_back_to_the_eager_path(smollm2_compiled, smollm2_tokenizer):
     """The compiled graph holds the weights as constants: after the web page's base toggle (a weight
     swapped by pointer) or an in-place edit, a reply must not come from the stale constants."""
-    from lyra.compiled_decode import compiled_decode_of
+    from lyra.compiled_decode import GUARDED_STEPS, compiled_decode_of
     from lyra.generation import generate_replies
 
     model, prompts, eager = smollm2_compiled
