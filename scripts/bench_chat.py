@@ -81,7 +81,8 @@ def copy_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> dict[str, flo
 
 
 def read_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Best-of-N read bandwidth in GB/s: torch summing a 1 GiB fp32 buffer (bytes read once, nothing written)."""
+    """Best-of-N read bandwidth in GB/s: torch summing a size_bytes fp32 buffer (bytes read once, nothing
+    written). --peer reads 1 GiB at the start, then 512 MiB before each round, to keep the rounds short."""
     import torch
 
     source = torch.ones(size_bytes // 4)

@@ -847,7 +847,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     # the vector width torch's kernels run at: it moves the ratios (on an AVX-512 AMD EPYC, oneDNN's fp32
-    # products run ~2.3x MKL's, which stays on AVX2 there; on an AVX2 host the two are even)
+    # products ran ~2.3x MKL's, which ran at about AVX2 speed there; on an AVX2 host the two were even)
     return f"CPU {cpu} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, torch {torch.__version__}"
 
 

@@ -64,7 +64,7 @@ def test_greedy_replies_on_real_smollm2_weights_are_token_identical(smollm2_comp
 def test_a_swapped_or_edited_weight_sends_replies_back_to_the_eager_path(smollm2_compiled, smollm2_tokenizer):
     """The compiled graph holds the weights as constants: after the web page's base toggle (a weight
     swapped by pointer) or an in-place edit, a reply must not come from the stale constants."""
-    from lyra.compiled_decode import GUARDED_STEPS, compiled_decode_of
+    from lyra.compiled_decode import compiled_decode_of
     from lyra.generation import generate_replies
 
     model, prompts, eager = smollm2_compiled
